@@ -1,0 +1,156 @@
+"""NoetherMonitor: the Lightning adapter over :class:`~nld_callbacks.NoetherTracker`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from .symmetries import SymmetryReport, symmetries_from_graph
+from .tracker import NoetherTracker, format_summary
+
+__all__ = ["NoetherMonitor"]
+
+
+class NoetherMonitor(Callback):
+    r"""Log Noether charges, their exact predictions and the effective learning rates.
+
+    On the first training step the monitor reads the symmetries off the loss's autograd graph (the
+    computation that actually ran), prints the detected groups and the parameter coverage once, and
+    from the next optimizer step on measures every group at every step. Values go to the trainer's
+    loggers every ``log_every_n_steps`` optimizer steps; at the end of ``fit`` a per-layer summary
+    table is printed and kept in :attr:`summary`.
+
+    Logged Metrics:
+        For each group, with ``layer`` the module's qualified name and ``kind`` one of ``scale``,
+        ``translation``, ``rescale``:
+
+        - ``nld/{kind}/{layer}/charge``: the measured charge (Σ over the layer's neurons).
+        - ``nld/{kind}/{layer}/predicted``: the exact per-step identity with R_t = 0, from the last
+          measured charge (physics.md §2.1).
+        - ``nld/{kind}/{layer}/residual``: the largest unexplained residual |e| since the last log
+          (physics.md §3.2; |e| ≲ 1 means the optimizer model explains the step up to rounding).
+        - ``nld/{kind}/{layer}/breaking``: the largest measured symmetry-breaking share |b|.
+        - ``nld/scale/{layer}/effective_lr``: η/((1−ηλ)Q), mean over channels (physics.md §2.3).
+        - ``nld/scale/{layer}/angular_update``: the measured angle of the step, mean over channels.
+
+        Predictions are logged only for optimizers modelled exactly (``torch.optim.SGD``); for any
+        other optimizer only ``charge`` is logged, after one warning.
+
+    Args:
+        log_every_n_steps: log every n optimizer steps; ``None`` uses the trainer's
+            ``log_every_n_steps``.
+        include: glob patterns over ``kind/layer`` keys to keep (``["scale/*"]``).
+        exclude: glob patterns over ``kind/layer`` keys to drop.
+        verbose: print the symmetry table at the start and the summary at the end.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from nld_callbacks import NoetherMonitor
+
+        trainer = Trainer(callbacks=[NoetherMonitor()])
+        trainer.fit(model, datamodule)
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        verbose: bool = True,
+    ) -> None:
+        if log_every_n_steps is not None and (
+            not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"Expected `log_every_n_steps` to be a positive int or None but got {log_every_n_steps!r}")
+        for name, v in (("include", include), ("exclude", exclude)):
+            if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v)):
+                raise TypeError(f"Expected `{name}` to be a list of glob strings but got {v!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude) if exclude is not None else None
+        self.verbose = verbose
+        self.trackers: list[NoetherTracker] = []
+        self.report: SymmetryReport | None = None
+        self.summary: list[dict[str, Any]] = []
+        self._pending_state: dict[str, Any] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(log_every_n_steps=self.log_every_n_steps, include=self.include,
+                                        exclude=self.exclude)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not trainer.loggers:
+            rank_zero_warn("NoetherMonitor: the Trainer has no logger (logger=False), so nothing is written; the "
+                           "charges are still tracked and the summary is kept in `NoetherMonitor.summary`.")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        self.trackers = [
+            NoetherTracker(pl_module, opt, writer=self._sink(trainer), log_every_n_steps=every,
+                           include=self.include, exclude=self.exclude)
+            for opt in trainer.optimizers
+        ]
+        if self._pending_state is not None:
+            for tracker, state in zip(self.trackers, self._pending_state["trackers"]):
+                tracker.load_state_dict(state)
+            self._pending_state = None
+
+    @staticmethod
+    def _sink(trainer: pl.Trainer) -> Any:
+        def write(metrics: dict[str, float], step: int) -> None:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+        return write
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self.report is not None or all(t.groups for t in self.trackers):
+            return
+        self.report = symmetries_from_graph(pl_module, loss)
+        for tracker in self.trackers:
+            if not tracker.groups:
+                tracker.set_symmetries(self.report)
+        if self.verbose:
+            rank_zero_info("NoetherMonitor: detected symmetries\n" + self.report.table())
+        if not self.report.groups:
+            rank_zero_warn(f"NoetherMonitor: no symmetry found in {type(pl_module).__name__}; nothing to track, "
+                           "training goes on.")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for tracker in self.trackers:
+            if tracker.step and not tracker.schedule(tracker.step):
+                tracker.flush()  # the last partial window
+        self.summary = [row for t in self.trackers for row in t.summary()]
+        if self.verbose and self.summary:
+            rank_zero_info("NoetherMonitor: per-layer summary (|e| ≲ 1: the exact identity explains every step)\n"
+                           + format_summary(self.summary))
+        self._detach()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        for t in self.trackers:
+            t.detach()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"trackers": [t.state_dict() for t in self.trackers]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = state_dict
+

@@ -1,0 +1,272 @@
+"""NoetherTracker against an independent float64 simulation of the real torch.optim.SGD step.
+
+The reference below never uses the tracker's formulas: it clones θ_t and v_t before the real
+``optimizer.step()``, reads the gradient the step consumed and v_{t+1} after it, and evaluates the
+exact identities of physics.md §2.1 per tensor with plain loops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nld_callbacks import NoetherTracker, find_symmetries
+from nld_callbacks.symmetries import Member, SymmetryGroup
+from nld_callbacks.testing import MLPBN, synthetic_classification
+
+CASES = [
+    dict(id="sgd", lr=0.1),
+    dict(id="sgd_lr1", lr=1.0),
+    dict(id="sgd_wd_batch", lr=0.1, wd=5e-3, batch=16),
+    dict(id="sgdm", lr=0.05, momentum=0.9),
+    dict(id="sgdm_wd", lr=0.05, momentum=0.9, wd=5e-3),
+    dict(id="sgdm_damp", lr=0.05, momentum=0.9, dampening=0.5, wd=5e-3),
+    dict(id="nesterov", lr=0.05, momentum=0.9, nesterov=True, wd=5e-3),
+    dict(id="sgdm_wd_clip", lr=0.05, momentum=0.9, wd=5e-3, clip=0.1, batch=16),
+    dict(id="sgd_wd_clip_value", lr=0.1, wd=5e-3, clip_value=0.01, batch=16),
+    dict(id="mixed_wd", lr=0.1, wd=1e-2, mixed=True),
+    dict(id="sgdm_mixed_lr_wd", lr=0.05, momentum=0.9, wd=1e-2, mixed=True),
+    dict(id="maximize", lr=0.01, momentum=0.9, wd=5e-3, maximize=True, steps=12),
+    dict(id="foreach_off", lr=0.05, momentum=0.9, wd=5e-3, foreach=False),
+]
+
+
+def _groups():
+    """fc1 rows (scale), fc2 units against fc3 columns (rescale), BN (γ, β) against fc2 columns."""
+    return [
+        SymmetryGroup("scale", "fc1", (Member("fc1.weight", 0), Member("fc1.bias", 0)), 32, "output channel", "t"),
+        SymmetryGroup("rescale", "fc2",
+                      (Member("fc2.weight", 0), Member("fc2.bias", 0), Member("fc3.weight", 1, sign=-1)),
+                      16, "hidden unit", "t"),
+        SymmetryGroup("rescale", "bn1",
+                      (Member("bn1.weight", 0), Member("bn1.bias", 0), Member("fc2.weight", 1, sign=-1)),
+                      32, "hidden unit", "t"),
+    ]
+
+
+def _red(x, m):
+    """Per-neuron sum, written independently of nld_callbacks.charges."""
+    if m.axis == 0:
+        return x.reshape(x.shape[0], -1).sum(1)
+    assert m.axis == 1 and x.dim() == 2
+    return x.sum(0)
+
+
+def _B(group, X, Y):
+    return sum(m.sign * _red(X[m.param] * Y[m.param], m) for m in group.members)
+
+
+def _optimizer(model, case):
+    kw = dict(lr=case["lr"], momentum=case.get("momentum", 0.0), dampening=case.get("dampening", 0.0),
+              nesterov=case.get("nesterov", False), weight_decay=case.get("wd", 0.0),
+              maximize=case.get("maximize", False))
+    if case.get("foreach") is not None:
+        kw["foreach"] = case["foreach"]
+    if case.get("mixed"):
+        # "no decay for the head, half the lr for BN": the rescale groups span both param groups
+        head = [model.fc3.weight, model.fc3.bias]
+        bn = [model.bn1.weight, model.bn1.bias]
+        rest = [p for p in model.parameters() if all(p is not q for q in head + bn)]
+        return torch.optim.SGD([{"params": rest}, {"params": head, "weight_decay": 0.0},
+                                {"params": bn, "lr": case["lr"] / 2}], **kw)
+    return torch.optim.SGD(model.parameters(), **kw)
+
+
+def _hyper(opt, p):
+    for g in opt.param_groups:
+        if any(q is p for q in g["params"]):
+            return g
+    raise AssertionError
+
+
+def _reference_step(groups, named, opt, theta0, buf0, grads, theta1, buf1, first):
+    """Per group: (Q0, symmetric prediction ΔQ with R := 0 per tensor, full per-tensor ΔQ, M)."""
+    out = []
+    for g in groups:
+        Q0 = _B(g, theta0, theta0)
+        M = sum(_red(theta0[m.param] ** 2, m) for m in g.members)
+        sym = torch.zeros_like(Q0)
+        full = torch.zeros_like(Q0)
+        for m in g.members:
+            hp = _hyper(opt, named[m.param])
+            eta, lam, beta, tau = hp["lr"], hp["weight_decay"], hp["momentum"], hp["dampening"]
+            sgn = -1.0 if hp["maximize"] else 1.0
+            th0, gr = theta0[m.param], sgn * grads[m.param]
+            q0 = _red(th0 * th0, m)
+            R = _red(th0 * gr, m)
+            if beta == 0:
+                a = 1 - eta * lam
+                s = (a * a - 1) * q0 + eta**2 * _red(gr * gr, m)
+                f = s - 2 * eta * a * R
+            else:
+                c = 1.0 if first[m.param] else 1 - tau
+                v1 = buf1[m.param]
+                P0 = _red(th0 * buf0[m.param], m) if buf0[m.param] is not None else torch.zeros_like(q0)
+                if hp["nesterov"]:
+                    u = gr + lam * th0 + beta * v1
+                    s = -2 * eta * (lam * q0 + beta * (beta * P0 + c * lam * q0)) + eta**2 * _red(u * u, m)
+                    f = s - 2 * eta * (1 + beta * c) * R
+                else:
+                    s = -2 * eta * (beta * P0 + c * lam * q0) + eta**2 * _red(v1 * v1, m)
+                    f = s - 2 * eta * c * R
+            sym += m.sign * s
+            full += m.sign * f
+        out.append((Q0, sym, full, M))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_predictions_match_float64_simulation(case):
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=128, dtype=torch.float64)
+    model = MLPBN().double()
+    opt = _optimizer(model, case)
+    groups = _groups()
+    named = dict(model.named_parameters())
+    tracker = NoetherTracker(model, opt, groups, log_every_n_steps=10)
+    gen = torch.Generator().manual_seed(1)
+    worst_e = 0.0
+    for step in range(case.get("steps", 30)):
+        if case.get("mixed") and step == 15:
+            opt.param_groups[0]["lr"] *= 0.5  # a schedule: η_t is read at every step
+        idx = torch.randperm(128, generator=gen)[: case["batch"]] if case.get("batch") else slice(None)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        if case.get("clip"):
+            nn.utils.clip_grad_norm_(model.parameters(), case["clip"])
+        if case.get("clip_value"):
+            nn.utils.clip_grad_value_(model.parameters(), case["clip_value"])
+        theta0 = {n: p.detach().clone() for n, p in named.items()}
+        buf0 = {n: (opt.state[p].get("momentum_buffer") if p in opt.state else None) for n, p in named.items()}
+        buf0 = {n: None if b is None else b.clone() for n, b in buf0.items()}
+        first = {n: b is None for n, b in buf0.items()}
+        grads = {n: p.grad.clone() for n, p in named.items()}
+        opt.step()
+        theta1 = {n: p.detach().clone() for n, p in named.items()}
+        buf1 = {n: opt.state[p].get("momentum_buffer") for n, p in named.items()}
+        ref = _reference_step(groups, named, opt, theta0, buf0, grads, theta1, buf1, first)
+        rec = tracker.last
+        assert rec is not None and rec.step == step + 1
+        for g, (Q0, sym, full, M), q0, q1, pred, brk, e in zip(
+            groups, ref, *(tracker.layout.split(t) for t in (rec.charge_before, rec.charge, rec.predicted,
+                                                              rec.breaking, rec.residual))):
+            M1 = sum(_red(theta1[m.param] ** 2, m) for m in g.members)
+            tol = dict(rtol=0.0, atol=1e-13 * float(torch.maximum(M, M1).max()))
+            msg = f"{case['id']} step {step} {g.key}"
+            torch.testing.assert_close(q0, Q0, **tol, msg=msg)
+            torch.testing.assert_close(q1, _B(g, theta1, theta1), **tol, msg=msg)
+            # exact identity, per tensor, with the measured breaking force
+            torch.testing.assert_close(pred + brk, Q0 + full, **tol, msg=lambda m: f"{msg}: {m}")
+            if not case.get("mixed"):
+                # one (η, λ) per neuron: the symmetric prediction is the R := 0 identity itself
+                torch.testing.assert_close(pred, Q0 + sym, **tol, msg=msg)
+            worst_e = max(worst_e, float(e.abs().max()))
+    assert worst_e < 4.0, f"unexplained residual |e| = {worst_e} above the float64 floor"
+
+
+def test_breaking_share_measures_bn_eps():
+    """With a large BN ε the scale symmetry is broken; b carries it and e stays at the floor."""
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64, dtype=torch.float64)
+    model = MLPBN(eps=1e-1).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    tracker = NoetherTracker(model, opt, _groups()[:1], log_every_n_steps=5)
+    for _ in range(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    m = tracker.logged[-1]
+    assert m["nld/scale/fc1/breaking"] > 1e3 * max(m["nld/scale/fc1/residual"], 1e-12)
+    assert m["nld/scale/fc1/residual"] < 4.0
+
+
+def test_found_groups_track_a_plain_loop_in_float32():
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64)
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    report = find_symmetries(model, x)
+    assert [g.key for g in report.groups if g.kind == "scale"] == ["scale/fc1"]
+    logged = []
+    with NoetherTracker(model, opt, report, writer=lambda m, s: logged.append((s, m)), log_every_n_steps=5):
+        for _ in range(20):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert [s for s, _ in logged] == [5, 10, 15, 20]
+    for _, m in logged:
+        assert m["nld/scale/fc1/residual"] < 4.0  # float32 floor: |e| of order 1
+        assert abs(m["nld/scale/fc1/charge"] - m["nld/scale/fc1/predicted"]) < 1e-3 * m["nld/scale/fc1/charge"]
+
+
+def test_hooks_never_change_training():
+    def run(track):
+        torch.manual_seed(0)
+        x, y = synthetic_classification(n=64)
+        model = MLPBN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=3) if track else None
+        for _ in range(12):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        if tracker is not None:
+            tracker.detach()
+        return [p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()]
+
+    (p_a, b_a), (p_b, b_b) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(p_a, p_b))
+    assert all(torch.equal(a, b) for a, b in zip(b_a, b_b))
+
+
+def test_unsupported_optimizer_is_measured_only():
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64)
+    model = MLPBN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.warns(UserWarning, match="no exact per-step model for Adam"):
+        tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=2, float64_accumulation=True)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    m = tracker.logged[-1]
+    assert set(m) == {"nld/scale/fc1/charge"}
+    w, b = model.fc1.weight.detach().double(), model.fc1.bias.detach().double()
+    assert m["nld/scale/fc1/charge"] == pytest.approx(float((w**2).sum() + (b**2).sum()), rel=1e-14)
+
+
+def test_state_dict_resume_gives_the_same_values():
+    def make():
+        torch.manual_seed(0)
+        model = MLPBN().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
+        return model, opt
+
+    x, y = synthetic_classification(n=64, dtype=torch.float64)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    model, opt = make()
+    full = NoetherTracker(model, opt, _groups(), log_every_n_steps=4)
+    train(model, opt, 12)
+
+    model, opt = make()
+    first = NoetherTracker(model, opt, _groups(), log_every_n_steps=4)
+    train(model, opt, 6)
+    saved = (model.state_dict(), opt.state_dict(), first.state_dict())
+    first.detach()
+    model2, opt2 = make()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    resumed = NoetherTracker(model2, opt2, log_every_n_steps=4)  # groups come back from the state
+    resumed.load_state_dict(saved[2])
+    train(model2, opt2, 6)
+    assert resumed.step == full.step == 12
+    assert resumed.logged[-1] == full.logged[-1]
+    assert [r["max_residual"] for r in resumed.summary()] == [r["max_residual"] for r in full.summary()]
