@@ -79,6 +79,7 @@ class NoetherMonitor(Callback):
         self.report: SymmetryReport | None = None
         self.summary: list[dict[str, Any]] = []
         self._pending_state: dict[str, Any] | None = None
+        self._detect_attempts = 0
 
     @property
     @override
@@ -95,6 +96,7 @@ class NoetherMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._detect_attempts = 0
         self.trackers = [
             NoetherTracker(pl_module, opt, writer=self._sink(trainer), log_every_n_steps=every,
                            include=self.include, exclude=self.exclude)
@@ -115,17 +117,35 @@ class NoetherMonitor(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self.report is not None or all(t.groups for t in self.trackers):
+        pending = [t for t in self.trackers if not t.groups]
+        if not pending or self._detect_attempts >= 2 * len(self.trackers) or loss.grad_fn is None:
             return
-        self.report = symmetries_from_graph(pl_module, loss)
-        for tracker in self.trackers:
-            if not tracker.groups:
-                tracker.set_symmetries(self.report)
-        if self.verbose:
-            rank_zero_info("NoetherMonitor: detected symmetries\n" + self.report.table())
-        if not self.report.groups:
-            rank_zero_warn(f"NoetherMonitor: no symmetry found in {type(pl_module).__name__}; nothing to track, "
-                           "training goes on.")
+        # Each backward shows the graph of one loss; with several optimizers (manual optimization)
+        # a later loss may reach parameters an earlier one did not, so keep reading until every
+        # optimizer has its groups or each had two chances.
+        self._detect_attempts += 1
+        report = symmetries_from_graph(pl_module, loss)
+        found = []
+        for tracker in pending:
+            tracker.set_symmetries(report, quiet=True)
+            found.extend(tracker.groups)
+        self.report = report if self.report is None else self.report
+        if found and self.verbose:
+            rank_zero_info("NoetherMonitor: detected symmetries\n" + report.table())
+        if all(t.groups for t in self.trackers):
+            return
+        if self._detect_attempts >= 2 * len(self.trackers):
+            missing = [type(t.optimizer).__name__ for t in self.trackers if not t.groups]
+            rank_zero_warn(f"NoetherMonitor: no symmetry found for the parameters of {', '.join(missing)} in "
+                           f"{type(pl_module).__name__}; nothing to track there, training goes on.")
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if pl_module.automatic_optimization and len(self.trackers) == 1:
+            # Steps a GradScaler skipped (inf/nan) call no optimizer hook but do advance the global
+            # step: count them, and keep the tracker's step aligned with the trainer's.
+            self.trackers[0].sync_step(trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

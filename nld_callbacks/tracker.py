@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -143,6 +144,7 @@ class NoetherTracker:
                 stacklevel=2,
             )
         self.step = 0
+        self.skipped_steps = 0
         self.logged: list[dict[str, float]] = []
         self.last: StepRecord | None = None
         self.report: SymmetryReport | None = None
@@ -160,9 +162,16 @@ class NoetherTracker:
         self.attach()
 
     # ------------------------------------------------------------------ set-up
-    def set_symmetries(self, symmetries: SymmetryReport | Sequence[SymmetryGroup]) -> None:
-        """Track these groups from the next step on (groups on parameters this optimizer does
-        not update are left out, with a note)."""
+    def set_symmetries(self, symmetries: SymmetryReport | Sequence[SymmetryGroup], *, quiet: bool = False) -> None:
+        """Track these groups from the next step on.
+
+        Groups on parameters this optimizer does not update are left out, with a note. Groups
+        tracked before keep their accumulated values (re-detection after parameters were added).
+
+        Args:
+            symmetries: the groups.
+            quiet: do not log a warning when no group is left.
+        """
         report = symmetries if isinstance(symmetries, SymmetryReport) else SymmetryReport(groups=list(symmetries))
         report = report.select(self.include, self.exclude)
         named = dict(self.model.named_parameters())
@@ -173,23 +182,30 @@ class NoetherTracker:
                 groups.append(g)
             else:
                 report.notes.append(f"{g.key}: not every parameter is updated by this optimizer; left out")
-        report.groups = groups
+        report = dataclasses.replace(report, groups=groups)
         self.report = report
         self._params = {n: named[n] for n in {m.param for g in groups for m in g.members}}
         if not groups:
             self.layout = None
-            log.warning("NoetherTracker: no symmetry group to track on %s; training goes on unmonitored.",
-                        type(self.model).__name__)
+            if not quiet:
+                log.warning("NoetherTracker: no symmetry group to track on %s; training goes on unmonitored.",
+                            type(self.model).__name__)
             return
+        old_keys = [g.key for g in self.groups]
         device = next(iter(self._params.values())).device
         self.layout = ChargeLayout(groups, {n: p.shape for n, p in self._params.items()}, device,
                                    float64_accumulation=self.float64_accumulation)
         self._params = {n: named[n] for n in self.layout.params}
         u = torch.tensor([theory.unit_roundoff(p.dtype) for p in self._params.values()], dtype=torch.float64)
         self._unit_r = u.to(device).index_select(0, self.layout.param_of_reduction)
-        if self._acc is None or self._acc.shape[1] != len(groups):
-            self._acc = torch.zeros(_N_ROWS, len(groups), dtype=torch.float64, device=device)
-            self._started = False
+        acc = torch.zeros(_N_ROWS, len(groups), dtype=torch.float64, device=device)
+        kept = [(i, old_keys.index(g.key)) for i, g in enumerate(groups) if g.key in old_keys]
+        if self._acc is not None and kept:
+            new_i, old_i = (torch.tensor(v, device=device) for v in zip(*kept))
+            acc[:, new_i] = self._acc.to(device)[:, old_i]
+        self._acc = acc
+        self._started = bool(kept) and self._started
+        self._coef_cache = None
         self._pre = None
 
     def attach(self) -> NoetherTracker:
@@ -385,6 +401,16 @@ class NoetherTracker:
         acc.copy_(torch.where(ok, new, bad))
         self.last = StepRecord(self.step + 1, q0, q1, pred, brk, r, b, e, eff, angle)
 
+    def sync_step(self, step: int) -> None:
+        """Align the step count with an external optimizer-step clock (a trainer's global step).
+
+        Steps the clock counted but the hooks never saw (a ``GradScaler`` skipping an inf/nan step
+        calls no hook) are added to :attr:`skipped_steps`; they never enter the accumulators.
+        """
+        if step > self.step:
+            self.skipped_steps += step - self.step
+            self.step = step
+
     # ------------------------------------------------------------------ logging
     def metrics(self, acc: Sequence[Sequence[float]] | None = None) -> dict[str, float]:
         """Flat ``{tag: value}`` of the accumulators (one host transfer when ``acc`` is None)."""
@@ -448,6 +474,7 @@ class NoetherTracker:
         """Everything the predictions need to resume: groups, step count, accumulators."""
         return {
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
             "groups": [g.to_dict() for g in self.groups],
             "acc": None if self._acc is None else self._acc.detach().cpu().clone(),
             "started": self._started,
@@ -462,6 +489,7 @@ class NoetherTracker:
             raise ValueError(f"Expected the saved groups {saved} to equal the tracked groups "
                              f"{[g.key for g in self.groups]}")
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("acc") is not None and self.layout is not None:
             self._acc = state["acc"].to(self.layout.device, torch.float64).clone()
         self._started = bool(state.get("started", False))
