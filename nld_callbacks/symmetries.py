@@ -252,7 +252,7 @@ _ADDMM = "AddmmBackward0"
 
 def _param_leaf(node: Any) -> Any | None:
     """The parameter behind an AccumulateGrad node, seen through a transpose/view."""
-    while node is not None and type(node).__name__ in {"TBackward0", "ViewBackward0", "PermuteBackward0"}:
+    while node is not None and type(node).__name__ in {"TBackward0", "ViewBackward0", "PermuteBackward0", "ToCopyBackward0"}:
         node = node.next_functions[0][0]
     if node is not None and type(node).__name__ == "AccumulateGrad":
         return node.variable
