@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .symmetries import SymmetryReport, symmetries_from_graph
+from .tensorboard import Dashboard
 from .tracker import NoetherTracker, format_summary
 
 __all__ = ["NoetherMonitor"]
@@ -80,6 +81,7 @@ class NoetherMonitor(Callback):
         self.summary: list[dict[str, Any]] = []
         self._pending_state: dict[str, Any] | None = None
         self._detect_attempts = 0
+        self._dashboards: list[Dashboard] | None = None
 
     @property
     @override
@@ -97,6 +99,7 @@ class NoetherMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.log_every_n_steps or trainer.log_every_n_steps
         self._detect_attempts = 0
+        self._dashboards = None
         self.trackers = [
             NoetherTracker(pl_module, opt, writer=self._sink(trainer), log_every_n_steps=every,
                            include=self.include, exclude=self.exclude)
@@ -117,8 +120,17 @@ class NoetherMonitor(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if loss.grad_fn is None:
+            return
+        changed = [t for t in self.trackers if t.groups and t.needs_symmetries]
         pending = [t for t in self.trackers if not t.groups]
-        if not pending or self._detect_attempts >= 2 * len(self.trackers) or loss.grad_fn is None:
+        if changed:  # parameters were added or unfrozen: read the graph again, keep what was tracked
+            report = symmetries_from_graph(pl_module, loss)
+            for tracker in changed:
+                tracker.set_symmetries(report, quiet=True)
+            if self.verbose:
+                rank_zero_info("NoetherMonitor: parameters changed, symmetries read again\n" + report.table())
+        if not pending or self._detect_attempts >= 2 * len(self.trackers):
             return
         # Each backward shows the graph of one loss; with several optimizers (manual optimization)
         # a later loss may reach parameters an earlier one did not, so keep reading until every
@@ -132,12 +144,36 @@ class NoetherMonitor(Callback):
         self.report = report if self.report is None else self.report
         if found and self.verbose:
             rank_zero_info("NoetherMonitor: detected symmetries\n" + report.table())
+        if found:
+            self._start_dashboards(trainer, report)
         if all(t.groups for t in self.trackers):
             return
         if self._detect_attempts >= 2 * len(self.trackers):
             missing = [type(t.optimizer).__name__ for t in self.trackers if not t.groups]
             rank_zero_warn(f"NoetherMonitor: no symmetry found for the parameters of {', '.join(missing)} in "
                            f"{type(pl_module).__name__}; nothing to track there, training goes on.")
+
+    def _start_dashboards(self, trainer: pl.Trainer, report: SymmetryReport) -> None:
+        """On rank 0: the symmetry text panel and the hyperparameters once, through every logger; the
+        custom-scalars layout (after the first log, from the tags written) and the histograms through
+        every logger whose experiment is a ``SummaryWriter``."""
+        if not trainer.is_global_zero:
+            return
+        if self._dashboards is None:
+            self._dashboards = [Dashboard(lg.experiment) for lg in trainer.loggers if Dashboard.supports(lg.experiment)]
+            for d in self._dashboards:
+                d.write_symmetries(report, trainer.global_step)
+            hparams = {"log_every_n_steps": self.log_every_n_steps or trainer.log_every_n_steps,
+                       "groups": len(report.groups), "coverage": round(report.coverage, 6),
+                       "optimizers": ", ".join(type(t.optimizer).__name__ for t in self.trackers),
+                       "include": ", ".join(self.include or []), "exclude": ", ".join(self.exclude or [])}
+            for lg in trainer.loggers:
+                lg.log_hyperparams({"nld": hparams})
+        for t in self.trackers:
+            for d in self._dashboards:
+                if t.groups and d not in t.dashboards:
+                    d.expect(t)
+                    t.dashboards.append(d)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

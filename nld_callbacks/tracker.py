@@ -47,7 +47,7 @@ from . import theory
 from .charges import ChargeLayout
 from .optim import Hyper, OptimizerModel, optimizer_model
 from .symmetries import SymmetryGroup, SymmetryReport, find_symmetries
-from .tensorboard import tag, write_scalars
+from .tensorboard import Dashboard, bin_on_device, tag, write_scalars
 
 __all__ = ["NoetherTracker", "StepRecord", "every_n_steps"]
 
@@ -69,7 +69,10 @@ def every_n_steps(n: int) -> Schedule:
 
 # Rows of the accumulator matrix (each row has one entry per group).
 _WIN_E, _WIN_B, _CHARGE, _PRED, _EFF, _ANGLE, _START, _SUM_OBS, _SUM_SYM, _SUM_BRK, _RUN_E, _BAD = range(12)
-_N_ROWS = 12
+# Σ over the group's neurons of the residual scale D_t of the last step (physics.md §3.2): the
+# half-width of the dashboard's tolerance band around the prediction.
+_TOL = 12
+_N_ROWS = 13
 
 
 @dataclass
@@ -148,6 +151,7 @@ class NoetherTracker:
         self.logged: list[dict[str, float]] = []
         self.last: StepRecord | None = None
         self.report: SymmetryReport | None = None
+        self._signature: tuple[int, int] | None = None
         self.layout: ChargeLayout | None = None
         self._handles: list[Any] = []
         self._pre: tuple[Tensor, Tensor | None, dict[str, bool]] | None = None
@@ -155,6 +159,10 @@ class NoetherTracker:
         self._started = False
         self._bad_warned = False
         self._coef_cache: tuple[Any, dict[str, Tensor]] | None = None
+        #: where the dashboard goes (layout, text panel, histograms): the writer itself when it is a
+        #: SummaryWriter; the Lightning callback adds its loggers' experiments
+        self.dashboards: list[Dashboard] = [Dashboard(writer)] if Dashboard.supports(writer) else []
+        self.histogram_bins = 30
         if symmetries is None and example_input is not None:
             symmetries = find_symmetries(model, example_input)
         if symmetries is not None:
@@ -184,6 +192,7 @@ class NoetherTracker:
                 report.notes.append(f"{g.key}: not every parameter is updated by this optimizer; left out")
         report = dataclasses.replace(report, groups=groups)
         self.report = report
+        self._signature = self.parameter_signature()
         self._params = {n: named[n] for n in {m.param for g in groups for m in g.members}}
         if not groups:
             self.layout = None
@@ -207,6 +216,20 @@ class NoetherTracker:
         self._started = bool(kept) and self._started
         self._coef_cache = None
         self._pre = None
+        for d in self.dashboards:
+            d.expect(self)
+            d.write_symmetries(report, self.step)
+
+    def parameter_signature(self) -> tuple[int, int]:
+        """(param groups, trainable parameters) of the optimizer: changes when a fine-tuning run
+        unfreezes layers or adds a param group, which calls for reading the symmetries again."""
+        groups = self.optimizer.param_groups
+        return len(groups), sum(1 for g in groups for p in g["params"] if p.requires_grad)
+
+    @property
+    def needs_symmetries(self) -> bool:
+        """True before groups are set and after the optimizer's parameters changed."""
+        return self.report is None or self._signature != self.parameter_signature()
 
     def attach(self) -> NoetherTracker:
         """Register the optimizer step hooks (done by the constructor)."""
@@ -377,6 +400,7 @@ class NoetherTracker:
             brk = brk_sym
             rounding = lay.to_groups(self._unit_r * Q0, unsigned=True)
             r, b, e = theory.residual_decomposition(obs, sym, brk, lay.to_groups(t.terms, unsigned=True), rounding)
+            tol = lay.to_groups(t.terms, unsigned=True) + 4.0 * rounding  # D_t per neuron (§3.2)
             pred = q0 + sym
             eff = lay.to_groups(extra["eff_factor"], unsigned=True) / count / q0
             angle = theory.angular_update(q0, q1, lay.to_groups(t.step_sq, unsigned=True))
@@ -392,6 +416,7 @@ class NoetherTracker:
         new[_PRED] = lay.per_group(pred)
         new[_EFF] = lay.per_group(eff, "mean")
         new[_ANGLE] = lay.per_group(angle, "mean")
+        new[_TOL] = lay.per_group(tol) if terms is not None else torch.full_like(acc[_TOL], float("nan"))
         new[_SUM_OBS] = acc[_SUM_OBS] + lay.per_group(obs)
         new[_SUM_SYM] = acc[_SUM_SYM] + lay.per_group(sym)
         new[_SUM_BRK] = acc[_SUM_BRK] + lay.per_group(brk)
@@ -423,6 +448,8 @@ class NoetherTracker:
             out[tag(g.kind, g.name, "charge")] = vals[_CHARGE][i]
             if predicted:
                 out[tag(g.kind, g.name, "predicted")] = vals[_PRED][i]
+                out[tag(g.kind, g.name, "band_lower")] = vals[_PRED][i] - vals[_TOL][i]
+                out[tag(g.kind, g.name, "band_upper")] = vals[_PRED][i] + vals[_TOL][i]
                 out[tag(g.kind, g.name, "residual")] = vals[_WIN_E][i]
                 out[tag(g.kind, g.name, "breaking")] = vals[_WIN_B][i]
                 if g.kind == "scale":
@@ -434,7 +461,13 @@ class NoetherTracker:
         """Move the accumulators to the host (one transfer), write them, reset the window."""
         if self._acc is None:
             return {}
-        vals = self._acc.cpu().tolist()
+        hist = self._histograms_on_device() if self.dashboards else None
+        if hist is None:
+            vals, hist_rows = self._acc.cpu().tolist(), None
+        else:  # the histogram counts join the accumulators' one transfer
+            flat = torch.cat([self._acc.reshape(-1), hist.reshape(-1)]).cpu()
+            vals = flat[: self._acc.numel()].view(self._acc.shape).tolist()
+            hist_rows = flat[self._acc.numel() :].view(hist.shape).tolist()
         m = self.metrics(vals)
         bad = vals[_BAD][0] if vals[_BAD] else 0.0
         if bad and not self._bad_warned:
@@ -449,7 +482,30 @@ class NoetherTracker:
                 write_scalars(self.writer, m, self.step)
             else:
                 self.writer(m, self.step)
+        hists = self._histogram_tags(hist_rows)
+        for d in self.dashboards:
+            d.write(self, m, hists, self.step)
         return m
+
+    def _histograms_on_device(self) -> Tensor | None:
+        """The last step's per-neuron charges and effective learning rates, binned per group on the
+        device: ``(2, G, 5 + bins)`` (see :func:`~nld_callbacks.tensorboard.bin_on_device`)."""
+        lay, last = self.layout, self.last
+        if lay is None or last is None or last.charge.numel() != lay.n_neurons:
+            return None
+        n = len(lay.groups)
+        return torch.stack([bin_on_device(last.charge, lay.group_index, n, self.histogram_bins),
+                            bin_on_device(last.effective_lr, lay.group_index, n, self.histogram_bins)])
+
+    def _histogram_tags(self, rows: Sequence[Sequence[Sequence[float]]] | None) -> dict[str, Sequence[float]]:
+        out: dict[str, Sequence[float]] = {}
+        if rows is None or self.layout is None:
+            return out
+        for i, g in enumerate(self.layout.groups):
+            out[tag(g.kind, g.name, "neuron_charge")] = rows[0][i]
+            if g.kind == "scale" and self.opt_model.supported:
+                out[tag(g.kind, g.name, "neuron_effective_lr")] = rows[1][i]
+        return out
 
     def summary(self) -> list[dict[str, Any]]:
         """Per-group run summary (host sync; call at the end): charge at start and now, observed and
