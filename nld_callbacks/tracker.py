@@ -402,8 +402,11 @@ class NoetherTracker:
             r, b, e = theory.residual_decomposition(obs, sym, brk, lay.to_groups(t.terms, unsigned=True), rounding)
             tol = lay.to_groups(t.terms, unsigned=True) + 4.0 * rounding  # D_t per neuron (§3.2)
             pred = q0 + sym
-            eff = lay.to_groups(extra["eff_factor"], unsigned=True) / count / q0
-            angle = theory.angular_update(q0, q1, lay.to_groups(t.step_sq, unsigned=True))
+            # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
+            # left out of the layer means
+            eff = torch.where(q0 > 0, lay.to_groups(extra["eff_factor"], unsigned=True) / count / q0, nan)
+            angle = torch.where((q0 > 0) & (q1 > 0),
+                                theory.angular_update(q0, q1, lay.to_groups(t.step_sq, unsigned=True)), nan)
         # A non-finite step (NaN/inf gradient) is marked invalid and kept out of the accumulators,
         # without a host sync: the decision is a device-side mask.
         ok = torch.isfinite(obs).all() & (torch.isfinite(e).all() | (terms is None))
@@ -414,8 +417,8 @@ class NoetherTracker:
         new[_RUN_E] = torch.fmax(acc[_RUN_E], g_e)
         new[_CHARGE] = lay.per_group(q1)
         new[_PRED] = lay.per_group(pred)
-        new[_EFF] = lay.per_group(eff, "mean")
-        new[_ANGLE] = lay.per_group(angle, "mean")
+        new[_EFF] = self._finite_mean(eff)
+        new[_ANGLE] = self._finite_mean(angle)
         new[_TOL] = lay.per_group(tol) if terms is not None else torch.full_like(acc[_TOL], float("nan"))
         new[_SUM_OBS] = acc[_SUM_OBS] + lay.per_group(obs)
         new[_SUM_SYM] = acc[_SUM_SYM] + lay.per_group(sym)
@@ -435,6 +438,13 @@ class NoetherTracker:
         if step > self.step:
             self.skipped_steps += step - self.step
             self.step = step
+
+    def _finite_mean(self, values: Tensor) -> Tensor:
+        """Per-group mean over the neurons with a finite value (NaN where there is none)."""
+        assert self.layout is not None
+        ok = torch.isfinite(values)
+        total = self.layout.per_group(torch.where(ok, values, torch.zeros_like(values)))
+        return total / self.layout.per_group(ok.to(values.dtype))
 
     # ------------------------------------------------------------------ logging
     def metrics(self, acc: Sequence[Sequence[float]] | None = None) -> dict[str, float]:

@@ -1,0 +1,138 @@
+"""Bad input: non-finite gradients, zero charges, host syncs on the hot path, skipped AMP steps."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from nld_callbacks import NoetherTracker, find_symmetries
+from nld_callbacks.testing import BNCNN, MLPBN, synthetic_classification
+from nld_callbacks.tracker import _BAD
+
+
+def _step(model, opt, x, y, *, poison=None):
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    if poison is not None:
+        model.fc1.weight.grad[0, 0] = poison
+    opt.step()
+
+
+def test_non_finite_step_is_marked_invalid_and_kept_out():
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64)
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=100)
+    for _ in range(3):
+        _step(model, opt, x, y)
+    before = tracker._acc.clone()
+    _step(model, opt, x, y, poison=float("inf"))  # the weights become non-finite from here on
+    _step(model, opt, x, y)
+    rows = [i for i in range(before.shape[0]) if i != _BAD]
+    assert torch.equal(tracker._acc[rows], before[rows]), "accumulators moved on an invalid step"
+    assert tracker._acc[_BAD].tolist() == [2.0]
+    with pytest.warns(UserWarning, match="2 step\\(s\\) had non-finite values") as rec:
+        m = tracker.flush()
+    assert len(rec) == 1
+    assert tracker.summary()[0]["invalid_steps"] == 2
+    assert all(v == v for v in m.values()), "a NaN reached the logged values"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.flush()  # the warning is given once
+
+
+def test_zero_charge_group_is_tracked_without_nan_in_the_layer_means():
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64)
+    model = MLPBN()
+    with torch.no_grad():
+        model.fc1.weight[:4] = 0.0
+        model.fc1.bias[:4] = 0.0  # four channels of zero charge (BN output 0, zero gradient)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
+    tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=5)
+    for _ in range(5):
+        _step(model, opt, x, y)
+    m = tracker.logged[-1]
+    assert m["nld/scale/fc1/residual"] < 4.0
+    q = tracker.layout.split(tracker.last.charge)[0]
+    assert torch.all(q[:4] == 0)
+    rest = (model.fc1.weight[4:].detach().double() ** 2).sum(1) + model.fc1.bias[4:].detach().double() ** 2
+    eff = 0.1 / ((1 - 0.1 * 1e-3) * tracker.layout.split(tracker.last.charge_before)[0][4:])
+    assert m["nld/scale/fc1/charge"] == pytest.approx(float(rest.sum()), rel=1e-5)
+    assert m["nld/scale/fc1/effective_lr"] == pytest.approx(float(eff.mean()), rel=1e-12)
+
+
+class _NoSync(TorchFunctionMode):
+    """Fails on every operation that moves a value to the host."""
+
+    FORBIDDEN = {torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy,
+                 torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FORBIDDEN:
+            raise AssertionError(f"host sync in a tracker hook on a non-logging step: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("opt_kw", [dict(momentum=0.9, weight_decay=5e-4), dict(momentum=0.9, nesterov=True),
+                                    dict(weight_decay=1e-3)], ids=["heavy_ball", "nesterov", "sgd"])
+def test_no_host_sync_on_steps_that_do_not_log(opt_kw):
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 8, 8)
+    y = torch.randint(0, 10, (32,))
+    model = BNCNN(channels=(4, 8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, **opt_kw)
+    tracker = NoetherTracker(model, opt, find_symmetries(model, x), log_every_n_steps=4)
+    tracker.detach()
+    pre, post = tracker._pre_hook, tracker._post_hook
+
+    def guarded(hook, logs):
+        def run(*args):
+            if logs():
+                return hook(*args)
+            with _NoSync():
+                return hook(*args)
+        return run
+
+    tracker._pre_hook = guarded(pre, lambda: False)
+    tracker._post_hook = guarded(post, lambda: tracker.schedule(tracker.step + 1))
+    tracker.attach()
+    for _ in range(8):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert tracker.step == 8 and len(tracker.logged) == 2
+
+    # the guard itself works: a sync inside it fails
+    with pytest.raises(AssertionError, match="host sync"), _NoSync():
+        torch.ones(1).item()
+
+
+def test_grad_scaler_skipped_steps_are_not_counted():
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64)
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=100)
+    seen = 0
+    for i in range(6):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if i in (2, 4):
+            model.fc2.weight.grad[0, 0] = float("inf")  # the scaler skips this step
+        scaler.step(opt)
+        scaler.update()
+        seen += i not in (2, 4)
+        tracker.sync_step(i + 1)
+    assert tracker.skipped_steps == 2 and tracker.step == 6
+    row = tracker.summary()[0]
+    assert row["invalid_steps"] == 0 and row["max_residual"] < 4.0
+    assert seen == 4
