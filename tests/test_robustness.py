@@ -34,7 +34,8 @@ def test_non_finite_step_is_marked_invalid_and_kept_out():
     _step(model, opt, x, y, poison=float("inf"))  # the weights become non-finite from here on
     _step(model, opt, x, y)
     rows = [i for i in range(before.shape[0]) if i != _BAD]
-    assert torch.equal(tracker._acc[rows], before[rows]), "accumulators moved on an invalid step"
+    torch.testing.assert_close(tracker._acc[rows], before[rows], rtol=0, atol=0, equal_nan=True,
+                               msg="accumulators moved on an invalid step")
     assert tracker._acc[_BAD].tolist() == [2.0]
     with pytest.warns(UserWarning, match="2 step\\(s\\) had non-finite values") as rec:
         m = tracker.flush()
@@ -136,3 +137,11 @@ def test_grad_scaler_skipped_steps_are_not_counted():
     row = tracker.summary()[0]
     assert row["invalid_steps"] == 0 and row["max_residual"] < 4.0
     assert seen == 4
+
+
+def test_example_input_that_does_not_fit_names_what_the_model_expects():
+    model = MLPBN(d=20)
+    with pytest.raises(ValueError, match=r"does not fit MLPBN.*Tensor\(shape=\(4, 7\).*in_features=20.*\(N, 20\)"):
+        find_symmetries(model, torch.randn(4, 7))
+    # the failed probe left the model as it was
+    assert model.bn1.num_batches_tracked.item() == 0
