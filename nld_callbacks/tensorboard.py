@@ -80,7 +80,9 @@ _CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("charge, measured vs predicted", ("charge", "predicted", "nld")),
     ("residual |e| and breaking |b|", ("residual", "breaking")),
     ("effective learning rate", ("effective_lr",)),
-    ("angular update (rad)", ("angular_update",)),
+    ("angular update (rad), measured and at equilibrium", ("angular_update", "equilibrium_angle")),
+    ("equilibrium charge Q*", ("equilibrium",)),
+    ("metric charge Σ G w², measured vs predicted", ("metric_charge", "metric_predicted")),
 )
 _BAND = ("predicted", "band_lower", "band_upper")
 

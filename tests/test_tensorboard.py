@@ -62,7 +62,7 @@ def _written(layers, quantities):
 
 def test_layout_lists_each_written_tag_in_exactly_one_multiline_chart():
     qs = ["charge", "predicted", "band_lower", "band_upper", "residual", "breaking", "effective_lr",
-          "angular_update", "nld", "equilibrium"]
+          "angular_update", "nld", "equilibrium", "radial_update"]
     tags = _written([("scale", "net.0"), ("scale", "net0"), ("rescale", "fc.1")], qs) + ["train/loss"]
     layout = custom_scalars_layout(tags)
     assert [c["title"] for c in layout["category"]] == ["NLD scale net.0", "NLD scale net0", "NLD rescale fc.1"]
@@ -77,7 +77,8 @@ def test_layout_lists_each_written_tag_in_exactly_one_multiline_chart():
                                                               for q in ("charge", "predicted", "nld")]
     assert charts["net.0: predicted ± tolerance band"] == [tag("scale", "net.0", q)
                                                            for q in ("predicted", "band_lower", "band_upper")]
-    assert charts["net.0: equilibrium"] == [tag("scale", "net.0", "equilibrium")]
+    assert charts["net.0: equilibrium charge Q*"] == [tag("scale", "net.0", "equilibrium")]
+    assert charts["net.0: radial_update"] == [tag("scale", "net.0", "radial_update")]  # any other: a chart of its own
 
 
 def test_layout_without_prediction_has_no_margin_chart():
