@@ -11,9 +11,11 @@ Two implementations, one obviously right and one fast, tested against each other
 
 * :func:`bilinear_reference` / :func:`linear_reference`: a per-group, per-member loop on float64
   copies;
-* :class:`ChargeLayout`: built once per model; reduces each parameter once per product into one
-  flat float64 vector of *reduction neurons* (one entry per (tensor, neuron)), then maps those onto
-  the groups' neurons with one gather and one ``index_add`` per quantity, whatever the depth.
+* :class:`ChargeLayout`: built once per model; evaluates any number of products X ⊙ Y over every
+  parameter in a few fused batches (``torch._foreach_copy_`` / ``torch._foreach_mul_`` into one
+  reusable scratch buffer, then one per-row ``sum`` per row length), into one flat float64 vector
+  of *reduction neurons* (one entry per (tensor, neuron)), and maps those onto the groups' neurons
+  with one gather and one ``index_add`` per quantity, whatever the depth.
 
 Example:
     >>> import torch
@@ -26,8 +28,10 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -88,7 +92,8 @@ def bilinear_reference(
 
 def linear_reference(group: SymmetryGroup, X: Mapping[str, torch.Tensor], *, absolute: bool = False) -> torch.Tensor:
     """T(X) = ⟨c, X⟩ per neuron (c = the all-ones generator on each member); ``absolute`` sums |X|."""
-    parts = [(m, reduce_member(X[m.param].double().abs() if absolute else X[m.param].double(), m)) for m in group.members]
+    parts = [(m, reduce_member(X[m.param].double().abs() if absolute else X[m.param].double(), m))
+             for m in group.members]
     return _combine(group, parts, unsigned=absolute)
 
 
@@ -99,6 +104,135 @@ class _Reduction:
     blocks: int | None
     start: int
     size: int
+
+
+# A chunk this large costs more in memory traffic (the fused path copies before it multiplies)
+# than one more dispatched op: it is multiplied straight into the scratch buffer instead.
+_DIRECT = 1 << 14
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """How one reduction of one tensor is evaluated: as per-row sums of a 2-D view.
+
+    Contiguous reductions (neuron axis 0, blocks along it, or the whole tensor) view the product as
+    ``(n_rows, row_len)`` rows, each summing into one output (rows longer than the scratch buffer
+    are split, and their parts summed by the final ``index_add_``). Any other axis is strided: the
+    tensor is chunked along dim 0 and each chunk summed over every dim but the neuron axis.
+    """
+
+    shape: tuple[int, ...]
+    start: int
+    size: int
+    strided: bool
+    n_rows: int
+    row_len: int
+    per_output: int  # contiguous: rows per output entry; strided: neuron-axis entries per output
+    axis: int
+
+    @property
+    def row_numel(self) -> int:
+        return self.row_len if not self.strided else math.prod(self.shape[1:])
+
+    @property
+    def min_piece(self) -> int:
+        return self.row_numel
+
+    @property
+    def sum_dims(self) -> tuple[int, ...]:
+        return tuple(d for d in range(len(self.shape)) if d != self.axis)
+
+    def chunk_rows(self, budget: int) -> int:
+        return max(1, budget // self.row_numel)
+
+    def as_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.strided else t.reshape(self.n_rows, self.row_len)
+
+
+def _row_plan(shape: tuple[int, ...], r: _Reduction, budget: int) -> _RowPlan:
+    numel = math.prod(shape)
+    if r.axis is not None and math.prod(shape[: r.axis]) != 1:
+        per = shape[r.axis] // r.blocks if r.blocks is not None else 1
+        return _RowPlan(shape, r.start, r.size, True, shape[0], 0, per, r.axis)
+    n_out = 1 if r.axis is None else shape[r.axis]
+    length = numel // max(n_out, 1)
+    split = 1  # split rows longer than the budget into equal parts
+    if length > budget:
+        split = next((c for c in range(-(-length // budget), length + 1) if length % c == 0), length)
+    per = split * (n_out // r.blocks if r.blocks is not None else 1)
+    axis = -1 if r.axis is None else r.axis
+    return _RowPlan(shape, r.start, r.size, False, n_out * split, length // split, per, axis)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``lo:hi`` of one product (or linear sum) of one tensor, for pair ``pair``."""
+
+    pair: int
+    param: int
+    rp: _RowPlan
+    lo: int
+    hi: int
+    linear: bool
+    upcast: bool
+
+    @property
+    def whole(self) -> bool:
+        return self.lo == 0 and self.hi == self.rp.n_rows
+
+    @property
+    def numel(self) -> int:
+        return (self.hi - self.lo) * self.rp.row_numel
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.whole:
+            return self.rp.shape
+        if self.rp.strided:
+            return (self.hi - self.lo, *self.rp.shape[1:])
+        return (self.hi - self.lo, self.rp.row_len)
+
+    @property
+    def out_rows(self) -> int:
+        return self.rp.shape[self.rp.axis] if self.rp.strided else self.hi - self.lo
+
+    def outputs(self) -> list[int]:
+        """Reduction index (within the tensor's reduction) of each summed row."""
+        rows = range(self.out_rows) if self.rp.strided else range(self.lo, self.hi)
+        return [r // self.rp.per_output for r in rows]
+
+
+@dataclass(frozen=True)
+class _Sum:
+    src: torch.Tensor
+    out: torch.Tensor
+    dims: tuple[int, ...]
+    row_len: int  # 0 for strided sums (never merged)
+    soff: int
+    roff: int
+
+
+@dataclass(frozen=True)
+class _Batch:
+    fused: list[_Piece]  # evaluated with _foreach_copy_ / _foreach_mul_
+    views: list[torch.Tensor]  # their scratch views
+    direct: list[tuple[torch.Tensor, _Piece]]  # evaluated one by one (large chunks)
+    sums: list[_Sum]
+
+
+@dataclass(frozen=True)
+class _DtypePlan:
+    res_dtype: torch.dtype
+    batches: list[_Batch]
+    res: torch.Tensor
+    index: torch.Tensor
+    duplicates: bool
+
+
+@dataclass(frozen=True)
+class _Plan:
+    dtypes: list[_DtypePlan]
+    zero: bool
 
 
 class ChargeLayout:
@@ -116,6 +250,16 @@ class ChargeLayout:
         float64_accumulation: upcast every tensor to float64 before multiplying and summing
             (exact products, float64 sums; several times slower on low-precision tensors). By
             default products and per-neuron sums run in the tensors' own dtype.
+        scratch_elements: size of the reusable product buffer, per compute dtype (``None``: 1/32 of
+            the grouped parameters' entries, clamped to [2¹⁸, 2²⁰]; never below the largest row
+            that cannot be split). It bounds the extra memory; products of larger tensors are
+            evaluated in row chunks.
+
+    Cost of one :meth:`reduce_many` call (CPU and CUDA alike): per fused batch of at most
+    ``scratch_elements`` entries, one ``_foreach_copy_`` and one ``_foreach_mul_`` (or one
+    ``mul(out=)`` for a batch holding a single tensor chunk) and one ``sum`` per distinct row
+    length; then one cast and one ``index_add_``. No parameter is copied outside the scratch
+    buffer, nothing leaves the device.
     """
 
     def __init__(
@@ -125,6 +269,7 @@ class ChargeLayout:
         device: torch.device | str = "cpu",
         *,
         float64_accumulation: bool = False,
+        scratch_elements: int | None = None,
     ) -> None:
         self.groups = list(groups)
         self.float64_accumulation = float64_accumulation
@@ -137,7 +282,7 @@ class ChargeLayout:
         src, dst, sign, goff = [], [], [], []
         start = 0
         gstart = 0
-        for gi, g in enumerate(self.groups):
+        for g in self.groups:
             goff.append(gstart)
             for m in g.members:
                 key = (m.param, None if m.axis is None else m.axis % len(shape[m.param]), m.blocks)
@@ -177,6 +322,19 @@ class ChargeLayout:
             for r in self.reductions[p]:
                 owner[r.start : r.start + r.size] = pi
         self.param_of_reduction = owner.to(dev)
+        self.shapes = {p: shape[p] for p in self.params}
+        numel = sum(math.prod(self.shapes[p]) for p in self.params)
+        if scratch_elements is None:
+            scratch_elements = min(max(numel // 32, 1 << 18), 1 << 20)
+        if not isinstance(scratch_elements, int) or scratch_elements < 1:
+            raise ValueError(f"Expected `scratch_elements` to be a positive int but got {scratch_elements!r}")
+        self._rows = {p: [_row_plan(self.shapes[p], r, scratch_elements) for r in self.reductions[p]]
+                      for p in self.params}
+        least = max((rp.min_piece for rows in self._rows.values() for rp in rows), default=1)
+        self.scratch_elements = max(scratch_elements, least)
+        self._plans: dict[Any, _Plan] = {}
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        self._res: dict[torch.dtype, torch.Tensor] = {}
 
     def reduce(self, tensors: Mapping[str, torch.Tensor | None], other: Mapping[str, torch.Tensor | None] | None = None,
                *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,22 +345,198 @@ class ChargeLayout:
             other: parameter name → Y; ``None`` reduces X itself (linear charges).
             out: optional preallocated float64 vector of ``n_reductions`` entries.
         """
+        res = self.reduce_many([(tensors, other)], out=None if out is None else out.view(1, -1))
+        return res[0]
+
+    def reduce_many(self, pairs: Sequence[tuple[Mapping[str, torch.Tensor | None],
+                                                 Mapping[str, torch.Tensor | None] | None]],
+                    *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Several :meth:`reduce` calls in one fused evaluation: row k is ``reduce(*pairs[k])``.
+
+        All products of one parameter chunk share a batch, so each tensor is read from memory about
+        once however many products need it; the number of tensor operations depends on the number
+        of fused batches and distinct row lengths, not on the number of layers.
+
+        Args:
+            pairs: ``(X, Y)`` mappings as :meth:`reduce` takes them (``Y = None``: linear sums).
+            out: optional preallocated float64 ``(len(pairs), n_reductions)`` matrix.
+
+        Returns:
+            The float64 ``(len(pairs), n_reductions)`` matrix.
+
+        Example:
+            >>> import torch
+            >>> from nld_callbacks.symmetries import Member, SymmetryGroup
+            >>> g = SymmetryGroup("scale", "fc", (Member("w", axis=0),), 2, "output channel", "example")
+            >>> lay = ChargeLayout([g], {"w": (2, 2)})
+            >>> w, v = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.ones(2, 2)
+            >>> lay.reduce_many([({"w": w}, {"w": w}), ({"w": w}, {"w": v}), ({"w": v}, None)]).tolist()
+            [[25.0, 1.0], [7.0, 1.0], [2.0, 2.0]]
+        """
+        n = len(pairs)
         if out is None:
-            out = torch.empty(self.n_reductions, dtype=torch.float64, device=self.device)
-        for p, reds in self.reductions.items():
-            x, y = tensors.get(p), None if other is None else other.get(p)
-            if x is None or (other is not None and y is None):  # no gradient / no buffer: zero
-                for r in reds:
-                    out[r.start : r.start + r.size] = 0.0
-                continue
-            square = y is x
-            if self.float64_accumulation:
-                x = x.double()
-                y = x if square else (None if y is None else y.double())
-            prod = x if y is None else (x * x if square else x * y)
-            for r in reds:
-                out[r.start : r.start + r.size] = reduce_member(prod, Member(p, r.axis, blocks=r.blocks))
+            out = torch.empty((n, self.n_reductions), dtype=torch.float64, device=self.device)
+        elif out.shape != (n, self.n_reductions) or out.dtype != torch.float64:
+            raise ValueError(f"Expected `out` to be a float64 tensor of shape {(n, self.n_reductions)} but got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        if n == 0:
+            return out
+        xs: list[list[torch.Tensor | None]] = []
+        ys: list[list[torch.Tensor | None]] = []
+        key: list[Any] = []
+        for X, Y in pairs:
+            xk = [X.get(p) for p in self.params]
+            if Y is None:
+                yk: list[torch.Tensor | None] = [None] * len(xk)
+                key.append(tuple(None if x is None else x.dtype for x in xk))
+            else:
+                yk = [Y.get(p) for p in self.params]
+                key.append(tuple(None if x is None or y is None else (x.dtype, y.dtype, x is y)
+                                 for x, y in zip(xk, yk)))
+            xs.append(xk)
+            ys.append(yk)
+        tkey = tuple(key)
+        plan = self._plans.get(tkey)
+        if plan is None:
+            plan = self._plans[tkey] = self._build_plan(tkey)
+        flat = out.view(-1)
+        if plan.zero:
+            flat.zero_()
+        for dp in plan.dtypes:
+            self._run(dp, xs, ys, flat, plan.zero)
         return out
+
+    # ------------------------------------------------------------------ fused evaluation
+    def _buffer(self, store: dict[torch.dtype, torch.Tensor], dtype: torch.dtype, size: int) -> torch.Tensor:
+        buf = store.get(dtype)
+        if buf is None or buf.numel() < size:
+            buf = store[dtype] = torch.empty(size, dtype=dtype, device=self.device)
+        return buf
+
+    def _build_plan(self, key: tuple[Any, ...]) -> _Plan:
+        """Split every (pair, parameter, reduction) product into row chunks.
+
+        The chunks are packed into batches of at most ``scratch_elements`` entries per compute
+        dtype, and every view the evaluation needs is made once, here.
+        """
+        by_dtype: dict[torch.dtype, list[tuple[int, int, int, bool, bool]]] = {}
+        covered = 0
+        for k, codes in enumerate(key):
+            for i, code in enumerate(codes):
+                if code is None:
+                    continue
+                linear = not isinstance(code, tuple)
+                own = (code,) if linear else code[:2]
+                cdt = code if linear else torch.promote_types(code[0], code[1])
+                if self.float64_accumulation:
+                    cdt = torch.float64
+                upcast = any(d != cdt for d in own)
+                for j, rp in enumerate(self._rows[self.params[i]]):
+                    by_dtype.setdefault(cdt, []).append((k, i, j, linear, upcast))
+                    covered += rp.size
+        dtypes = [self._build_dtype_plan(cdt, items) for cdt, items in by_dtype.items()]
+        full = covered == len(key) * self.n_reductions and not any(dp.duplicates for dp in dtypes)
+        return _Plan(dtypes, zero=not full)
+
+    def _build_dtype_plan(self, cdt: torch.dtype, items: list[tuple[int, int, int, bool, bool]]) -> _DtypePlan:
+        S = self.scratch_elements
+        scratch = self._buffer(self._scratch, cdt, S)
+        rdt = torch.float32 if cdt in (torch.float16, torch.bfloat16) else cdt
+        # parameter-major: every product of one tensor chunk lands in the same batch, so the chunk
+        # is read from memory once and the other products find it in cache
+        owners: dict[tuple[int, int], list[tuple[int, bool, bool]]] = {}
+        for k, i, j, linear, upcast in items:
+            owners.setdefault((i, j), []).append((k, linear, upcast))
+        pieces: list[_Piece] = []
+        for (i, j), users in owners.items():
+            rp = self._rows[self.params[i]][j]
+            step = rp.chunk_rows(S // len(users))
+            for lo in range(0, rp.n_rows, step):
+                hi = min(lo + step, rp.n_rows)
+                pieces.extend(_Piece(k, i, rp, lo, hi, linear, upcast) for k, linear, upcast in users)
+        batches: list[list[_Piece]] = []
+        cur: list[_Piece] = []
+        used = 0
+        for pc in pieces:
+            if cur and used + pc.numel > S:
+                batches.append(cur)
+                cur, used = [], 0
+            cur.append(pc)
+            used += pc.numel
+        if cur:
+            batches.append(cur)
+        res = self._buffer(self._res, rdt, sum(pc.out_rows for pc in pieces))
+        idx: list[int] = []
+        plans = []
+        roff = 0
+        for batch in batches:
+            batch.sort(key=lambda pc: (pc.rp.strided, pc.rp.row_len))
+            soff = 0
+            views: list[torch.Tensor] = []
+            sums: list[_Sum] = []
+            for pc in batch:
+                views.append(scratch[soff : soff + pc.numel].view(pc.shape))
+                last = sums[-1] if sums else None
+                if pc.rp.strided:
+                    sums.append(_Sum(views[-1], res[roff : roff + pc.out_rows], pc.rp.sum_dims, 0, soff, roff))
+                elif last is not None and last.row_len == pc.rp.row_len:
+                    # the previous chunk has the same row length and ends where this one starts
+                    rows = (soff + pc.numel - last.soff) // pc.rp.row_len
+                    sums[-1] = _Sum(scratch[last.soff : soff + pc.numel].view(rows, pc.rp.row_len),
+                                    res[last.roff : roff + pc.out_rows], (1,), pc.rp.row_len, last.soff, last.roff)
+                else:
+                    rows = pc.numel // pc.rp.row_len
+                    sums.append(_Sum(scratch[soff : soff + pc.numel].view(rows, pc.rp.row_len),
+                                     res[roff : roff + pc.out_rows], (1,), pc.rp.row_len, soff, roff))
+                base = pc.pair * self.n_reductions + pc.rp.start
+                idx.extend(base + o for o in pc.outputs())
+                soff += pc.numel
+                roff += pc.out_rows
+            direct = [(v, pc) for v, pc in zip(views, batch) if not pc.upcast and (pc.numel >= _DIRECT or len(batch) == 1)]
+            fused = [(v, pc) for v, pc in zip(views, batch) if all(pc is not q for _, q in direct)]
+            plans.append(_Batch([pc for _, pc in fused], [v for v, _ in fused], direct, sums))
+        dup = len(set(idx)) != len(idx)
+        return _DtypePlan(rdt, plans, res[:roff], torch.tensor(idx, dtype=torch.long, device=self.device), dup)
+
+    @staticmethod
+    def _run(dp: _DtypePlan, xs: list[list[torch.Tensor | None]], ys: list[list[torch.Tensor | None]],
+             flat: torch.Tensor, accumulate: bool) -> None:
+        rows: dict[tuple[int, int], torch.Tensor] = {}
+
+        def piece(t: torch.Tensor, pc: _Piece) -> torch.Tensor:
+            if pc.whole:
+                return t
+            key = (id(t), id(pc.rp))
+            v = rows.get(key)
+            if v is None:
+                v = rows[key] = pc.rp.as_rows(t)
+            return v[pc.lo : pc.hi]
+
+        for b in dp.batches:
+            # large chunks: the product straight into the scratch buffer (one read of each factor)
+            for v, pc in b.direct:
+                x = piece(xs[pc.pair][pc.param], pc)  # type: ignore[arg-type]
+                if pc.linear:
+                    v.copy_(x)
+                else:
+                    torch.mul(x, piece(ys[pc.pair][pc.param], pc), out=v)  # type: ignore[arg-type]
+            # small ones: one fused copy and one fused product for the whole batch
+            if b.fused:
+                torch._foreach_copy_(b.views, [piece(xs[pc.pair][pc.param], pc) for pc in b.fused])  # type: ignore[arg-type]
+                prod = [(v, pc) for v, pc in zip(b.views, b.fused) if not pc.linear]
+                if prod:
+                    torch._foreach_mul_([v for v, _ in prod],
+                                        [piece(ys[pc.pair][pc.param], pc) for _, pc in prod])  # type: ignore[arg-type]
+            for sm in b.sums:
+                if sm.src.dtype == dp.res_dtype:
+                    torch.sum(sm.src, sm.dims, out=sm.out)
+                else:
+                    torch.sum(sm.src, sm.dims, dtype=dp.res_dtype, out=sm.out)
+        res = dp.res if dp.res.dtype == torch.float64 else dp.res.to(torch.float64)
+        if accumulate:
+            flat.index_add_(0, dp.index, res)
+        else:
+            flat.index_copy_(0, dp.index, res)
 
     def to_groups(self, values: torch.Tensor, *, unsigned: bool = False) -> torch.Tensor:
         """Map per-reduction values (last dim) onto the group-neuron vector, applying signs."""

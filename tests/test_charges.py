@@ -68,3 +68,111 @@ def test_per_group_aggregates():
 def test_unknown_parameter_is_a_clear_error():
     with pytest.raises(ValueError, match="exist in the model"):
         ChargeLayout(GROUPS, {"conv.weight": (6, 3, 3, 3)})
+
+
+# -------------------------------------------------------------------- the fused path's edges
+
+PAIRS = ["XY", "XX", "X"]  # bilinear, square (the same tensor twice), linear
+
+
+def _expected(group, X, Y, kind):
+    if kind == "X":
+        return linear_reference(group, X)
+    return bilinear_reference(group, X, X if kind == "XX" else Y)
+
+
+def _mapping(kind, X, Y):
+    return (X, None) if kind == "X" else (X, X if kind == "XX" else Y)
+
+
+@pytest.mark.parametrize("scratch", [None, 7, 40], ids=["default", "tiny_scratch", "small_scratch"])
+def test_reduce_many_matches_reference_and_chunking(scratch):
+    """Tiny scratch buffers force row chunks, split rows (the 'layer' group's 28-entry rows) and
+    partial sums over dim-0 chunks for the strided (column) reductions."""
+    X, Y = _tensors(0), _tensors(1)
+    lay = ChargeLayout(GROUPS, SHAPES, scratch_elements=scratch)
+    out = lay.reduce_many([_mapping(k, X, Y) for k in PAIRS])
+    assert out.shape == (len(PAIRS), lay.n_reductions) and out.dtype == torch.float64
+    for row, kind in zip(out, PAIRS):
+        for g, got in zip(GROUPS, lay.split(lay.to_groups(row))):
+            torch.testing.assert_close(got, _expected(g, X, Y, kind), rtol=1e-13, atol=1e-13, msg=f"{g.key} {kind}")
+    single = torch.stack([lay.reduce(*_mapping(k, X, Y)) for k in PAIRS])
+    torch.testing.assert_close(out, single, rtol=1e-13, atol=1e-13)
+
+
+def test_reduce_many_missing_entries_and_mixed_dtypes():
+    X, Y = _tensors(0), _tensors(1)
+    X32 = {n: t.float() for n, t in X.items()}
+    lay = ChargeLayout(GROUPS, SHAPES, scratch_elements=50)
+    partial = {n: t for n, t in X.items() if n != "fc.weight"}
+    none_bias = {**Y, "conv.bias": None}
+    mixed = {**X32, "conv.weight": X["conv.weight"]}  # float64 and float32 tensors in one call
+    out = lay.reduce_many([(partial, Y), (X, none_bias), (mixed, mixed), (partial, None)])
+    zero_fc = {**X, "fc.weight": torch.zeros(SHAPES["fc.weight"], dtype=torch.float64)}
+    zero_bias = {**Y, "conv.bias": torch.zeros(6, dtype=torch.float64)}
+    mixed64 = {n: t.double() for n, t in mixed.items()}
+    for g, a, b, c, d in zip(GROUPS, *(lay.split(lay.to_groups(r)) for r in out)):
+        torch.testing.assert_close(a, bilinear_reference(g, zero_fc, Y), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(b, bilinear_reference(g, X, zero_bias), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(c, bilinear_reference(g, mixed64, mixed64), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(d, linear_reference(g, zero_fc), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_float64_accumulation_is_exact_on_low_precision(dtype):
+    """Upcast mode: products of two low-precision numbers are exact in float64, so the fused path
+    matches the float64 reference on the same (rounded) values to float64 rounding."""
+    X = {n: t.to(dtype) for n, t in _tensors(0).items()}
+    Y = {n: t.to(dtype) for n, t in _tensors(1).items()}
+    lay = ChargeLayout(GROUPS, SHAPES, float64_accumulation=True, scratch_elements=30)
+    for g, got in zip(GROUPS, lay.split(lay.to_groups(lay.reduce(X, Y)))):
+        torch.testing.assert_close(got, bilinear_reference(g, X, Y), rtol=1e-12, atol=1e-12, msg=g.key)
+
+
+def test_non_contiguous_tensors():
+    """channels_last weights and transposed views give the same sums as contiguous copies."""
+    shapes = {"c.weight": (6, 4, 3, 3), "l.weight": (5, 5)}
+    groups = [SymmetryGroup("scale", "c", (Member("c.weight", 0),), 6, "output channel", "t"),
+              SymmetryGroup("rescale", "l", (Member("l.weight", 0), Member("l.weight", 1, -1)), 5, "unit", "t")]
+    gen = torch.Generator().manual_seed(3)
+    X = {"c.weight": torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64).to(memory_format=torch.channels_last),
+         "l.weight": torch.randn(5, 5, generator=gen, dtype=torch.float64).T}
+    Y = {n: torch.randn(s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    for scratch in (None, 20):
+        lay = ChargeLayout(groups, shapes, scratch_elements=scratch)
+        out = lay.reduce_many([(X, Y), (X, None)])
+        for g, a, b in zip(groups, lay.split(lay.to_groups(out[0])), lay.split(lay.to_groups(out[1]))):
+            torch.testing.assert_close(a, bilinear_reference(g, X, Y), rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(b, linear_reference(g, X), rtol=1e-13, atol=1e-13)
+
+
+def test_op_count_does_not_grow_with_depth():
+    """The fused path dispatches the same number of aten ops for 4 and for 64 equal layers."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for depth in (4, 64):
+        shapes = {f"l{i}.weight": (8, 8) for i in range(depth)} | {f"l{i}.bias": (8,) for i in range(depth)}
+        groups = [SymmetryGroup("scale", f"l{i}", (Member(f"l{i}.weight", 0), Member(f"l{i}.bias", 0)), 8,
+                                "output channel", "t") for i in range(depth)]
+        lay = ChargeLayout(groups, shapes, scratch_elements=1 << 16)
+        X = {n: torch.randn(s) for n, s in shapes.items()}
+        Y = {n: torch.randn(s) for n, s in shapes.items()}
+        lay.reduce_many([(X, X), (X, Y)])  # builds the plan
+        Count.n = 0
+        with Count():
+            lay.reduce_many([(X, X), (X, Y)])
+        counts.append(Count.n)
+    assert counts[0] == counts[1], counts
+
+
+def test_scratch_elements_is_validated():
+    with pytest.raises(ValueError, match="scratch_elements"):
+        ChargeLayout(GROUPS, SHAPES, scratch_elements=0)
