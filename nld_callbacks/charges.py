@@ -333,6 +333,8 @@ class ChargeLayout:
         least = max((rp.min_piece for rows in self._rows.values() for rp in rows), default=1)
         self.scratch_elements = max(scratch_elements, least)
         self._plans: dict[Any, _Plan] = {}
+        self._memo: dict[Any, torch.Tensor] = {}
+        self._memo_refs: list[Any] = []
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self._res: dict[torch.dtype, torch.Tensor] = {}
 
@@ -345,8 +347,60 @@ class ChargeLayout:
             other: parameter name → Y; ``None`` reduces X itself (linear charges).
             out: optional preallocated float64 vector of ``n_reductions`` entries.
         """
+        if self._memo:
+            hit = self._memo.get(self._content_key(tensors, other))
+            if hit is not None:
+                return hit if out is None else out.copy_(hit)
         res = self.reduce_many([(tensors, other)], out=None if out is None else out.view(1, -1))
         return res[0]
+
+    def prefetch(self, pairs: Sequence[tuple[Mapping[str, torch.Tensor | None],
+                                              Mapping[str, torch.Tensor | None] | None]]) -> torch.Tensor:
+        """Evaluate ``pairs`` now in one :meth:`reduce_many` and keep the rows until :meth:`forget`.
+
+        Meanwhile :meth:`reduce` on the same tensor contents returns the stored row. A row is found
+        by the contents of its tensors: each entry's storage address, strides, dtype and version
+        counter (any in-place change through the tensor or a view bumps it), and the tensors are
+        referenced until :meth:`forget`, so an address cannot be reused meanwhile. Writes through
+        ``.data`` bypass the version counter: keep a prefetch to one step (the tracker forgets at
+        the end of every optimizer-step hook).
+
+        Returns:
+            The ``(len(pairs), n_reductions)`` matrix (rows in the order of ``pairs``).
+
+        Example:
+            >>> import torch
+            >>> from nld_callbacks.symmetries import Member, SymmetryGroup
+            >>> g = SymmetryGroup("scale", "fc", (Member("w", axis=0),), 2, "output channel", "example")
+            >>> lay = ChargeLayout([g], {"w": (2, 2)})
+            >>> w = {"w": torch.tensor([[3.0, 4.0], [1.0, 0.0]])}
+            >>> rows = lay.prefetch([(w, w)])
+            >>> lay.reduce(w, w).data_ptr() == rows[0].data_ptr()  # served, not recomputed
+            True
+            >>> with torch.no_grad():
+            ...     _ = w["w"].mul_(2)  # an in-place change: the stored row no longer applies
+            >>> lay.reduce(w, w).tolist()
+            [100.0, 4.0]
+            >>> lay.forget()
+        """
+        self.forget()
+        rows = self.reduce_many(pairs)
+        for (X, Y), row in zip(pairs, rows):
+            self._memo[self._content_key(X, Y)] = row
+        self._memo_refs = list(pairs)
+        return rows
+
+    def forget(self) -> None:
+        """Drop the rows of :meth:`prefetch` and the references to its tensors."""
+        self._memo = {}
+        self._memo_refs = []
+
+    def _content_key(self, X: Mapping[str, torch.Tensor | None], Y: Mapping[str, torch.Tensor | None] | None) -> Any:
+        def sig(t: torch.Tensor | None) -> Any:
+            return None if t is None else (t.data_ptr(), t._version, t.stride(), t.dtype)
+
+        xs = tuple(sig(X.get(p)) for p in self.params)
+        return (xs, None) if Y is None else (xs, tuple(sig(Y.get(p)) for p in self.params))
 
     def reduce_many(self, pairs: Sequence[tuple[Mapping[str, torch.Tensor | None],
                                                  Mapping[str, torch.Tensor | None] | None]],
@@ -442,15 +496,16 @@ class ChargeLayout:
         S = self.scratch_elements
         scratch = self._buffer(self._scratch, cdt, S)
         rdt = torch.float32 if cdt in (torch.float16, torch.bfloat16) else cdt
-        # parameter-major: every product of one tensor chunk lands in the same batch, so the chunk
-        # is read from memory once and the other products find it in cache
+        # parameter-major, then chunk-major: the products of one tensor chunk follow each other, so
+        # the chunk is read from memory once and the other products find it in cache
         owners: dict[tuple[int, int], list[tuple[int, bool, bool]]] = {}
         for k, i, j, linear, upcast in items:
             owners.setdefault((i, j), []).append((k, linear, upcast))
         pieces: list[_Piece] = []
         for (i, j), users in owners.items():
             rp = self._rows[self.params[i]][j]
-            step = rp.chunk_rows(S // len(users))
+            chunks = -(-rp.n_rows // rp.chunk_rows(S))
+            step = -(-rp.n_rows // chunks)  # balanced chunks of at most S entries
             for lo in range(0, rp.n_rows, step):
                 hi = min(lo + step, rp.n_rows)
                 pieces.extend(_Piece(k, i, rp, lo, hi, linear, upcast) for k, linear, upcast in users)
@@ -492,7 +547,8 @@ class ChargeLayout:
                 idx.extend(base + o for o in pc.outputs())
                 soff += pc.numel
                 roff += pc.out_rows
-            direct = [(v, pc) for v, pc in zip(views, batch) if not pc.upcast and (pc.numel >= _DIRECT or len(batch) == 1)]
+            direct = [(v, pc) for v, pc in zip(views, batch)
+                      if not pc.upcast and (pc.numel >= _DIRECT or len(batch) == 1)]
             fused = [(v, pc) for v, pc in zip(views, batch) if all(pc is not q for _, q in direct)]
             plans.append(_Batch([pc for _, pc in fused], [v for v, _ in fused], direct, sums))
         dup = len(set(idx)) != len(idx)
