@@ -66,6 +66,14 @@ QUANTITIES: dict[str, str] = {
     "breaking": "largest |b| (measured symmetry-breaking share) since the last log",
     "effective_lr": "η/((1−ηλ)Q), mean over the layer's channels (scale groups)",
     "angular_update": "measured 2·asin(|ŵ_{t+1} − ŵ_t|/2), mean over channels (scale groups)",
+    "equilibrium": "predicted equilibrium charge Σ Q* (physics.md §2.4), from the drive averaged over one relaxation time",
+    "equilibrium_angle": "predicted equilibrium angular update per step (§2.4), mean over channels",
+    "relaxation_steps": "steps for the charge to relax towards equilibrium (§2.4), mean over channels",
+    "rmsprop_decay": "decay of the implicit RMSProp accumulator |w|⁴: (1−ηλ)⁴ for SGD (§2.3)",
+    "rmsprop_accumulator": "the implicit RMSProp accumulator |w|⁴ = Q², mean over channels (§2.3)",
+    "radial_update": "cos(θ_t, u_t) of adaptive updates, mean over channels: kinetic symmetry breaking (§2.1)",
+    "metric_charge": "metric charge Σ G θ² of adaptive rules without momentum (G = sqrt(v̂) + ε, §2.1)",
+    "metric_predicted": "exact metric identity with R_t = 0 for metric_charge (§2.1)",
 }
 
 #: Per-neuron histograms written at logging steps (tag quantity → what is binned).

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 
 from . import theory
 from .charges import ChargeLayout
-from .optim import Hyper, OptimizerModel, optimizer_model
+from .optim import Hyper, OptimizerModel, adaptive_tensors, optimizer_model
 from .symmetries import SymmetryGroup, SymmetryReport, find_symmetries
 from .tensorboard import Dashboard, bin_on_device, tag, write_scalars
 
@@ -72,7 +73,12 @@ _WIN_E, _WIN_B, _CHARGE, _PRED, _EFF, _ANGLE, _START, _SUM_OBS, _SUM_SYM, _SUM_B
 # Σ over the group's neurons of the residual scale D_t of the last step (physics.md §3.2): the
 # half-width of the dashboard's tolerance band around the prediction.
 _TOL = 12
-_N_ROWS = 13
+# Last values of the continuous law (§2.2), the equilibrium Q* / angle / relaxation time (§2.4), the
+# RMSProp correspondence (§2.3), the radial share of adaptive updates and the metric charge (§2.1).
+(_NLD, _QSTAR, _ANGLE_STAR, _RELAX, _RMS_DECAY, _RMS_ACC, _RADIAL, _METRIC, _METRIC_PRED) = range(13, 22)
+_N_ROWS = 22
+# Per-neuron state of the continuous laws and equilibrium averages (NoetherTracker._dyn).
+_DYN_KEYS = ("nld", "nld_rate", "on", "ema_x", "ema_w")
 
 
 @dataclass
@@ -92,6 +98,163 @@ class StepRecord:
     residual: Tensor
     effective_lr: Tensor
     angular_update: Tensor
+    nld: Tensor | None = None
+    equilibrium: Tensor | None = None
+    metric_charge: Tensor | None = None
+    metric_predicted: Tensor | None = None
+    radial_update: Tensor | None = None
+
+
+# Per-reduction coefficient rows of NoetherTracker._coefficients (then 6 + 6 propagator rows).
+_COEF_ROWS = ("lr", "wd", "momentum", "c", "sign", "decay", "family", "metric", "eff_factor", "adaptive",
+              "eq_coef", "eq_numel", "eq_angle", "relax", "rms_decay")
+_FAMILY_CODE = {"sgd": 0.0, "heavy_ball": 1.0, "nesterov": 2.0, "sgdw": 3.0, "adam": 4.0}
+
+
+def _coefficient_table(combos: Sequence[tuple[Hyper, bool, bool]]) -> Tensor:
+    """Host float64 table ``(len(_COEF_ROWS) + 12, H)`` of coefficients for each (hyper, first, active).
+
+    NaN marks a quantity that has no law for that optimizer (continuous law, equilibrium), so it is
+    logged as absent rather than wrong.
+    """
+    f64 = torch.float64
+
+    def vec(fn: Callable[[Hyper, bool, bool], float]) -> Tensor:
+        return torch.tensor([fn(*k) for k in combos], dtype=f64)
+
+    # torch skips a parameter without a gradient entirely (no decay, no momentum): η = 0 makes every
+    # identity read "unchanged", which is exact.
+    lr = vec(lambda h, f, a: h.lr if a else 0.0)
+    eta = vec(lambda h, f, a: h.lr)  # the schedule's η, for laws that describe the group over time
+    wd = vec(lambda h, f, a: h.wd)
+    beta = vec(lambda h, f, a: h.momentum)
+    tau = vec(lambda h, f, a: h.dampening)
+    c = vec(lambda h, f, a: 1.0 if f else 1.0 - h.dampening)
+    sign = vec(lambda h, f, a: -1.0 if h.maximize else 1.0)
+    decay = vec(lambda h, f, a: h.wd if (h.family == "adam" and h.decoupled) else 0.0)
+    fam = vec(lambda h, f, a: _FAMILY_CODE[h.family])
+    metric = vec(lambda h, f, a: 1.0 if h.metric else 0.0)
+    nan = torch.full_like(lr, float("nan"))
+    is_sgd, is_hb, is_adam = fam == 0, fam == 1, fam == 4
+    adamw = is_adam & (decay > 0)
+    eff_factor = torch.where(is_sgd, lr / (1.0 - lr * wd), torch.where(is_adam, lr, lr / (1.0 - beta)))
+    adaptive = is_adam.to(f64)
+    # §2.4: Q*² = eq_coef · ⟨X⟩ with X = Q|g|² (SGD), Q·|v|² (heavy ball), C² (AdamW: Q* = ηC/(2λ))
+    eq_coef = torch.where(is_sgd, theory.equilibrium_sgd(eta, wd, torch.ones_like(eta)) ** 2,
+                          torch.where(is_hb, theory.equilibrium_heavy_ball(eta, wd, beta, torch.ones_like(eta), tau),
+                                      torch.where(adamw, (eta / (2.0 * wd)) ** 2, nan)))
+    eq_numel = adamw.to(f64)
+    eq_angle = torch.where(is_sgd, theory.equilibrium_angle_sgd(eta, wd),
+                           torch.where(is_hb, theory.equilibrium_angle_heavy_ball(eta, wd, beta, tau),
+                                       torch.where(adamw, theory.equilibrium_angle_adamw(eta, wd, beta), nan)))
+    relax = torch.where(is_sgd, theory.relaxation_steps_sgd(eta, wd),
+                        torch.where(is_hb, theory.relaxation_steps_heavy_ball(eta, wd, beta, tau),
+                                    torch.where(adamw, theory.relaxation_steps_adamw(eta, wd), nan)))
+    # §2.3: |w|⁴ is an RMSProp accumulator with decay (1−ηλ)⁴ (SGD), ≈ 1 − 4η(1−τ)λ/(1−β) (heavy ball)
+    rms_decay = torch.where(is_sgd, (1.0 - eta * wd) ** 4,
+                            torch.where(is_hb, 1.0 - 4.0 * eta * (1.0 - tau) * wd / (1.0 - beta), nan))
+    rows = [lr, wd, beta, c, sign, decay, fam, metric, eff_factor, adaptive, eq_coef, eq_numel, eq_angle, relax, rms_decay]
+    # §2.2 continuous laws, one step each: first-order for SGD, damped oscillator for heavy ball
+    gamma, omega2 = theory.nld_heavy_ball_coefficients(lr, wd, beta, tau)
+    _, omega2_lin = theory.nld_heavy_ball_coefficients(lr, wd, beta, tau, linear=True)
+    for w2, linear in ((omega2, False), (omega2_lin, True)):
+        first_order = theory.first_order_propagator(theory.nld_sgd_coefficients(lr, wd, linear=linear))
+        osc = theory.oscillator_propagator(gamma, w2)
+        prop = torch.where(is_sgd[:, None, None], first_order,
+                           torch.where(is_hb[:, None, None], osc, torch.full_like(osc, float("nan"))))
+        rows.extend(prop.reshape(-1, 6).T)
+    return torch.stack(rows)
+
+
+@dataclass
+class _Step:
+    """Everything :meth:`NoetherTracker._terms` evaluated for one step, per reduction neuron."""
+
+    quad: theory.StepTerms | None
+    linear: theory.StepTerms | None
+    T1: Tensor | None
+    abs1: Tensor | None
+    coef: dict[str, Tensor]
+    drive: Tensor
+    eq_drive: Tensor
+    UU: Tensor | None
+    metric: tuple[Tensor, Tensor] | None
+    fresh: bool
+
+
+def _merge(out: Mapping[str, theory.StepTerms], family: Tensor) -> theory.StepTerms:
+    """One StepTerms per reduction from the families present (param groups of different families:
+    each tensor gets its own)."""
+    first = next(iter(out.values()))
+    if len(out) == 1:
+        return first
+    merged = {}
+    for f in theory.StepTerms.__dataclass_fields__:
+        v = getattr(first, f)
+        for name, t in out.items():
+            v = torch.where(family == _FAMILY_CODE[name], getattr(t, f), v)
+        merged[f] = v
+    return theory.StepTerms(**merged)
+
+
+def _update_direction(h: Hyper, theta: Tensor, grad: Tensor | None, buf: Tensor | None,
+                      update: Tensor | None) -> Tensor | None:
+    """u_t = (θ_t − θ_{t+1})/η of one tensor, from post-step values only (for the linear residual scale)."""
+    if grad is None:
+        return None
+    fam = h.family
+    g = -grad if h.maximize else grad
+    if fam == "adam":
+        if update is None:
+            return None
+        lam, d = (h.wd if h.decoupled else 0.0), update
+    elif fam == "heavy_ball":
+        return buf
+    elif fam == "sgd":
+        lam, d = h.wd, g
+    elif fam == "nesterov":
+        lam, d = h.wd, g if buf is None else g + h.momentum * buf
+    else:  # sgdw
+        lam, d = h.wd, buf if buf is not None else g
+    if lam == 0.0:
+        return d
+    return (d + lam * theta) / (1.0 - h.lr * lam)
+
+
+@dataclass
+class _TheoryLayout:
+    """Per-group-neuron facts about a ChargeLayout that the predictions need (built once per layout)."""
+
+    layout: ChargeLayout
+    keys: list[str]
+    linear: Tensor  # bool: the neuron's charge is linear (translation)
+    scale: Tensor  # bool: the neuron belongs to a scale group
+    count: Tensor  # reductions feeding the neuron
+    numel: Tensor  # parameter entries in the neuron (C of physics.md §2.4)
+    linear_params: tuple[str, ...]
+
+    @property
+    def has_linear(self) -> bool:
+        return bool(self.linear_params)
+
+    @property
+    def has_quadratic(self) -> bool:
+        return any(not g.linear for g in self.layout.groups)
+
+    @classmethod
+    def build(cls, lay: ChargeLayout, params: Mapping[str, Tensor]) -> _TheoryLayout:
+        dev = lay.device
+        sizes = torch.tensor([g.n_neurons for g in lay.groups], dtype=torch.long)
+        linear = torch.tensor([g.linear for g in lay.groups], dtype=torch.bool).repeat_interleave(sizes).to(dev)
+        scale = torch.tensor([g.kind == "scale" for g in lay.groups], dtype=torch.bool).repeat_interleave(sizes).to(dev)
+        per_red = torch.empty(lay.n_reductions, dtype=torch.float64)
+        for p, reds in lay.reductions.items():
+            for r in reds:
+                per_red[r.start : r.start + r.size] = params[p].numel() / r.size
+        ones = torch.ones(lay.n_reductions, dtype=torch.float64, device=dev)
+        lin_params = tuple(dict.fromkeys(m.param for g in lay.groups if g.linear for m in g.members))
+        return cls(lay, [g.key for g in lay.groups], linear, scale, lay.to_groups(ones, unsigned=True),
+                   lay.to_groups(per_red.to(dev), unsigned=True), lin_params)
 
 
 class NoetherTracker:
@@ -113,6 +276,13 @@ class NoetherTracker:
         float64_accumulation: upcast tensors to float64 before every product and sum (exact charges
             of low-precision weights, at several times the cost); by default sums run in the
             weights' dtype, whose rounding the residual's 4·u_w·M floor already allows for.
+        sample_every: track one optimizer step in k (steps k, 2k, ...); the hooks of the other
+            steps return at once, reading nothing. Sampled steps are exact (their per-step
+            identities and residuals are the same numbers as with k = 1); the accumulated ΔQ sums
+            cover the sampled steps only; the continuous NLD law is advanced over all k steps with
+            the sampled step's drive held constant (a piecewise-constant drive: its error is the
+            drive's variation within k steps, e.g. about 1e-3 relative on the charge for the toy
+            BN MLP of ``tests/test_tracker.py`` at k = 10, see ``nld bench``).
     """
 
     def __init__(
@@ -127,7 +297,10 @@ class NoetherTracker:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         float64_accumulation: bool = False,
+        sample_every: int = 1,
     ) -> None:
+        if not isinstance(sample_every, int) or isinstance(sample_every, bool) or sample_every < 1:
+            raise ValueError(f"Expected `sample_every` to be a positive int but got {sample_every!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -140,6 +313,9 @@ class NoetherTracker:
         self.schedule: Schedule = log_every_n_steps if callable(log_every_n_steps) else every_n_steps(log_every_n_steps)
         self.include, self.exclude = include, exclude
         self.float64_accumulation = float64_accumulation
+        self.sample_every = sample_every
+        self._span = 1  # optimizer steps the tracked step stands for (sample_every)
+        self._last_tracked: int | None = None
         self.opt_model: OptimizerModel = optimizer_model(optimizer)
         if not self.opt_model.supported:
             warnings.warn(
@@ -159,6 +335,9 @@ class NoetherTracker:
         self._started = False
         self._bad_warned = False
         self._coef_cache: tuple[Any, dict[str, Tensor]] | None = None
+        self._pre_linear: tuple[Tensor, Tensor | None] | None = None
+        self._theory_cache: _TheoryLayout | None = None
+        self._dyn: dict[str, Tensor] = {}
         #: where the dashboard goes (layout, text panel, histograms): the writer itself when it is a
         #: SummaryWriter; the Lightning callback adds its loggers' experiments
         self.dashboards: list[Dashboard] = [Dashboard(writer)] if Dashboard.supports(writer) else []
@@ -265,31 +444,119 @@ class NoetherTracker:
 
     def _coefficients(self, hyp: Mapping[str, Hyper], first: Mapping[str, bool],
                       active: Mapping[str, bool]) -> dict[str, Tensor]:
-        """Per-reduction float64 vectors of η, λ, β, c_t; cached while nothing changes."""
+        """Per-reduction float64 vectors of every hyperparameter-derived coefficient (η, λ, β, c_t,
+        the sign of ``maximize``, the NLD propagators, the equilibrium coefficients); computed on
+        the host once per distinct (hyperparameters, first step, active) combination and cached
+        while nothing changes (one host-to-device copy when something does)."""
         assert self.layout is not None
         key = tuple((hyp[n], first[n], active[n]) for n in self._params)
         if self._coef_cache is not None and self._coef_cache[0] == key:
             return self._coef_cache[1]
-        rows = []
-        for n in self._params:
-            h = hyp[n]
-            # torch skips a parameter without a gradient entirely (no decay, no momentum): η = 0
-            # makes every identity read "unchanged", which is exact.
-            lr = h.lr if active[n] else 0.0
-            c = 1.0 if first[n] else 1.0 - h.dampening
-            rows.append((lr, h.wd, h.momentum, c))
-        host = torch.tensor(rows, dtype=torch.float64).T.contiguous()
+        combos = list(dict.fromkeys(key))
+        host = _coefficient_table(combos)  # (F, H)
+        which = torch.tensor([combos.index(k) for k in key], dtype=torch.long)
+        host = host.index_select(1, which).contiguous()  # (F, P)
         if self.layout.device.type == "cuda":
             host = host.pin_memory()
         per_param = host.to(self.layout.device, non_blocking=True)
         vals = per_param.index_select(1, self.layout.param_of_reduction)
-        coef = {"lr": vals[0], "wd": vals[1], "momentum": vals[2], "c": vals[3]}
+        coef = {name: vals[i] for i, name in enumerate(_COEF_ROWS)}
+        coef["prop"] = vals[len(_COEF_ROWS) : len(_COEF_ROWS) + 6]
+        coef["prop_linear"] = vals[len(_COEF_ROWS) + 6 :]
         self._coef_cache = (key, coef)
         return coef
 
+    def _theory(self) -> _TheoryLayout:
+        """Per-neuron facts of the current layout, and the per-neuron state of the continuous laws
+        and equilibrium averages (groups kept across a re-detection keep their state)."""
+        lay = self.layout
+        assert lay is not None
+        old = self._theory_cache
+        if old is not None and old.layout is lay:
+            return old
+        info = _TheoryLayout.build(lay, self._params)
+        dyn = {k: torch.zeros(lay.n_neurons, dtype=torch.float64, device=lay.device) for k in _DYN_KEYS}
+        if old is not None and self._dyn:
+            where = {k: (o, g.n_neurons) for k, o, g in zip(old.keys, old.layout.group_offsets, old.layout.groups)}
+            for k, o, g in zip(info.keys, lay.group_offsets, lay.groups):
+                if k in where and where[k][1] == g.n_neurons:
+                    oo = where[k][0]
+                    for name, v in dyn.items():
+                        v[o : o + g.n_neurons] = self._dyn[name][oo : oo + g.n_neurons].to(lay.device)
+        self._dyn = dyn
+        self._theory_cache = info
+        return info
+
+    def _before_linear(self, optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tensor | None] | None:
+        """Pre-step sums of the linear charges: T_t = red(θ_t), and S_t = red(v_t) with momentum (§2.1)."""
+        if self.layout is None:
+            return None
+        info = self._theory()
+        if not info.has_linear:
+            return None
+        T0 = self.layout.reduce({n: self._params[n].detach() for n in info.linear_params})
+        S0 = None
+        if self.opt_model.supported:
+            bufs = {n: self.opt_model.momentum_buffer(optimizer, self._params[n]) for n in info.linear_params}
+            if any(b is not None for b in bufs.values()):
+                S0 = self.layout.reduce(bufs)
+        return T0, S0
+
     # ------------------------------------------------------------------ hooks
+    def _sampled(self, step: int) -> bool:
+        return self.sample_every == 1 or step % self.sample_every == 0
+
+    def _fused_pairs(self, optimizer: torch.optim.Optimizer, *, pre: bool) -> list[tuple[Any, Any]]:
+        """The products the coming hook will ask for, to evaluate in one fused batch
+        (:meth:`ChargeLayout.prefetch`); a product missing here is still computed when asked for."""
+        theta: dict[str, Tensor] = dict(self._params)
+        pairs: list[tuple[Any, Any]] = [(theta, theta)]
+        if not self.opt_model.supported:
+            return pairs
+        bufs = {n: self.opt_model.momentum_buffer(optimizer, p) for n, p in theta.items()}
+        momentum = any(b is not None for b in bufs.values())
+        if pre:
+            return pairs + [(theta, bufs)] if momentum else pairs
+        grads = {n: p.grad for n, p in theta.items()}
+        pairs.append((theta, grads))
+        nesterov = any(g.get("nesterov", False) for g in optimizer.param_groups)
+        if momentum:
+            pairs += [(bufs, grads), (bufs, bufs)] + ([(theta, bufs)] if nesterov else [])
+        if nesterov or not momentum:
+            pairs.append((grads, grads))
+        return pairs
+
     @torch.no_grad()
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.layout is None or not self._sampled(self.step + 1):
+            return  # an unsampled step (sample_every) reads nothing
+        self.layout.prefetch(self._fused_pairs(optimizer, pre=True))
+        try:
+            self._pre_step(optimizer)
+        finally:
+            self.layout.forget()
+
+    @torch.no_grad()
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.layout is not None and self._pre is None and not self._sampled(self.step + 1):
+            self.step += 1  # unsampled: counted; a log step writes the last sampled values
+            if self.schedule(self.step):
+                self.flush()
+            return
+        if self.layout is None or self._pre is None:
+            self._post_step(optimizer)
+            return
+        gap = self.step + 1 - self._last_tracked if self._last_tracked is not None else 1
+        self._span = gap if self.sample_every > 1 and gap == self.sample_every else 1
+        self._last_tracked = self.step + 1
+        self.layout.prefetch(self._fused_pairs(optimizer, pre=False))
+        try:
+            self._post_step(optimizer)
+        finally:
+            if self.layout is not None:
+                self.layout.forget()
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.layout is None:
             return
         theta = {n: p.detach() for n, p in self._params.items()}
@@ -301,9 +568,9 @@ class NoetherTracker:
             if any(b is not None for b in bufs.values()):
                 P0 = self.layout.reduce(theta, bufs)
         self._pre = (Q0, P0, first)
+        self._pre_linear = self._before_linear(optimizer)
 
-    @torch.no_grad()
-    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _post_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.layout is None or self._pre is None:
             # no groups yet, or they were set inside this step (Lightning's first closure): the
             # step is counted, tracking starts with the next one
@@ -326,87 +593,185 @@ class NoetherTracker:
 
     def _terms(self, optimizer: torch.optim.Optimizer, Q0: Tensor, Q1: Tensor, P0: Tensor | None,
                first: Mapping[str, bool], theta: Mapping[str, Tensor],
-               grads: Mapping[str, Tensor | None]) -> tuple[theory.StepTerms, dict[str, Tensor]]:
+               grads: Mapping[str, Tensor | None]) -> _Step:
+        """Every exact identity of physics.md §2.1 for this step, per reduction neuron: one batched
+        evaluation per optimizer family present, merged per tensor."""
         lay = self.layout
         assert lay is not None
+        info = self._theory()
         hyp = self._hypers()
         active = {n: g is not None for n, g in grads.items()}
         coef = self._coefficients(hyp, first, active)
         families = {hyp[n].family for n in self._params}
-        maximize = {hyp[n].maximize for n in self._params}
-        if len(maximize) != 1:
-            raise NotImplementedError("NoetherTracker: groups mixing maximize=True and False are not modelled")
-        mx = maximize.pop()
-        X = lay.reduce(theta, grads)
-        need_g = families & {"sgd", "nesterov"}
-        G = lay.reduce(grads, grads) if need_g else None
-        out: dict[str, theory.StepTerms] = {}
-        if families & {"heavy_ball", "nesterov"}:
+        sign, lr, fam = coef["sign"], coef["lr"], coef["family"]
+        zeros = torch.zeros_like(Q0)
+        bufs: dict[str, Tensor | None] = {}
+        if families & {"heavy_ball", "nesterov", "sgdw"}:
             bufs = {n: self.opt_model.momentum_buffer(optimizer, p) for n, p in self._params.items()}
-            Y, K = lay.reduce(bufs, grads), lay.reduce(bufs, bufs)
-            P = P0 if P0 is not None else torch.zeros_like(Q0)
+        adaptive = adaptive_tensors(optimizer, self._params, hyp, grads) if "adam" in families else None
+        quad: dict[str, theory.StepTerms] = {}
+        G = K = UU = None
+        metric = None
+        if info.has_quadratic:
+            P = P0 if P0 is not None else zeros
+            if families - {"adam"}:
+                # the sign of `maximize` enters every product with g (per tensor)
+                X = sign * lay.reduce(theta, grads)
+                if families & {"sgd", "nesterov"}:
+                    G = lay.reduce(grads, grads)
+                if bufs:
+                    Y, K = sign * lay.reduce(bufs, grads), lay.reduce(bufs, bufs)
+                kw = dict(Q0=Q0, Q1=Q1, lr=lr, wd=coef["wd"])
+                if "sgd" in families:
+                    quad["sgd"] = theory.sgd_step(X=X, G=G, **kw)
+                if "heavy_ball" in families:
+                    quad["heavy_ball"] = theory.heavy_ball_step(P0=P, X=X, Y=Y, K=K, momentum=coef["momentum"],
+                                                                c=coef["c"], **kw)
+                if "nesterov" in families:
+                    Z = lay.reduce(theta, bufs)
+                    quad["nesterov"] = theory.nesterov_step(P0=P, X=X, G=G, Y=Y, K=K, Z=Z, momentum=coef["momentum"],
+                                                            c=coef["c"], **kw)
+                if "sgdw" in families:
+                    quad["sgdw"] = theory.sgdw_step(P0=P, X=X, Y=Y, K=K, momentum=coef["momentum"], **kw)
+            if adaptive is not None:
+                U, UU = lay.reduce(theta, adaptive.update), lay.reduce(adaptive.update, adaptive.update)
+                quad["adam"] = theory.adaptive_step(Q0=Q0, Q1=Q1, U=U, UU=UU, lr=lr, decay=coef["decay"])
+                if adaptive.metric is not None and adaptive.drive is not None:
+                    gtheta = {n: None if m is None else m * theta[n] for n, m in adaptive.metric.items()}
+                    QG1 = lay.reduce(gtheta, theta)
+                    _, pred = theory.metric_step(QG1=QG1, XD=lay.reduce(theta, adaptive.drive),
+                                                 DU=lay.reduce(adaptive.drive, adaptive.update), Q0=Q0,
+                                                 lr=lr, decay=coef["decay"], coupled_wd=coef["wd"] - coef["decay"])
+                    ok = coef["metric"] > 0
+                    metric = (torch.where(ok, QG1, torch.nan), torch.where(ok, pred, torch.nan))
+        # §2.2 drives (per step): η²B(g, g) for SGD, 2η²B(v, v) for heavy ball; the scale-free
+        # equilibrium drive of §2.4 multiplies the same B(g, g) or B(v, v) by Q.
+        Gz = G if G is not None else zeros
+        Kz = K if K is not None else zeros
+        eq_drive = torch.where(fam == 0, Gz, torch.where(fam == 1, Kz, zeros))
+        drive = torch.where(fam == 0, lr * lr * Gz, torch.where(fam == 1, 2.0 * lr * lr * Kz, zeros))
+        lin = None
+        T1 = A1 = None
+        if info.has_linear:
+            lt = {n: theta[n] for n in info.linear_params}
+            T1 = lay.reduce(lt)
+            A1 = lay.reduce({n: t.abs() for n, t in lt.items()})
+            T0, S0 = self._pre_linear if self._pre_linear is not None else (T1, None)
+            S = S0 if S0 is not None else zeros
+            Sg = sign * lay.reduce({n: grads[n] for n in info.linear_params})
+            steps = {n: _update_direction(hyp[n], theta[n], grads[n], bufs.get(n),
+                                          None if adaptive is None else adaptive.update.get(n))
+                     for n in info.linear_params}
+            L1 = lay.reduce({n: None if s is None else s.abs() for n, s in steps.items()})
+            kw = dict(T0=T0, T1=T1, L1=L1, lr=lr)
+            lin_out: dict[str, theory.StepTerms] = {}
+            if "sgd" in families:
+                lin_out["sgd"] = theory.linear_sgd_step(Sg=Sg, wd=coef["wd"], **kw)
             if "heavy_ball" in families:
-                out["heavy_ball"] = theory.heavy_ball_step(Q0=Q0, Q1=Q1, P0=P, X=X, Y=Y, K=K, lr=coef["lr"],
-                                                           wd=coef["wd"], momentum=coef["momentum"], c=coef["c"],
-                                                           maximize=mx)
+                lin_out["heavy_ball"] = theory.linear_heavy_ball_step(S0=S, Sg=Sg, wd=coef["wd"],
+                                                                      momentum=coef["momentum"], c=coef["c"], **kw)
             if "nesterov" in families:
-                assert G is not None
-                Z = lay.reduce(theta, bufs)
-                out["nesterov"] = theory.nesterov_step(Q0=Q0, Q1=Q1, P0=P, X=X, G=G, Y=Y, K=K, Z=Z, lr=coef["lr"],
-                                                       wd=coef["wd"], momentum=coef["momentum"], c=coef["c"],
-                                                       maximize=mx)
-        if "sgd" in families:
-            assert G is not None
-            out["sgd"] = theory.sgd_step(Q0=Q0, Q1=Q1, X=X, G=G, lr=coef["lr"], wd=coef["wd"], maximize=mx)
-        if len(out) == 1:
-            terms = next(iter(out.values()))
-        else:  # param groups of different families: pick each tensor's own
-            fam_of = torch.tensor([list(out).index(hyp[n].family) for n in self._params], device=Q0.device)
-            which = fam_of.index_select(0, lay.param_of_reduction)
-            fields = theory.StepTerms.__dataclass_fields__
-            merged = {}
-            for f in fields:
-                v = getattr(out[next(iter(out))], f)
-                for i, t in enumerate(out.values()):
-                    v = torch.where(which == i, getattr(t, f), v)
-                merged[f] = v
-            terms = theory.StepTerms(**merged)
-        eff_factor = torch.where(coef["momentum"] > 0, coef["lr"] / (1.0 - coef["momentum"]),
-                                 coef["lr"] / (1.0 - coef["lr"] * coef["wd"]))
-        return terms, {"eff_factor": eff_factor}
+                lin_out["nesterov"] = theory.linear_nesterov_step(S0=S, Sg=Sg, wd=coef["wd"],
+                                                                  momentum=coef["momentum"], c=coef["c"], **kw)
+            if "sgdw" in families:
+                lin_out["sgdw"] = theory.linear_sgdw_step(S0=S, Sg=Sg, wd=coef["wd"], momentum=coef["momentum"], **kw)
+            if adaptive is not None:
+                Su = lay.reduce({n: adaptive.update[n] for n in info.linear_params})
+                lin_out["adam"] = theory.linear_adaptive_step(Su=Su, decay=coef["decay"], **kw)
+            lin = _merge(lin_out, fam)
+        return _Step(quad=_merge(quad, fam) if quad else None, linear=lin, T1=T1, abs1=A1, coef=coef, drive=drive,
+                     eq_drive=eq_drive, UU=UU, metric=metric, fresh=all(first.values()) if first else True)
 
-    def _accumulate(self, Q0: Tensor, Q1: Tensor,
-                    terms: tuple[theory.StepTerms, dict[str, Tensor]] | None) -> None:
+    def _accumulate(self, Q0: Tensor, Q1: Tensor, terms: _Step | None) -> None:
         lay, acc = self.layout, self._acc
         assert lay is not None and acc is not None
+        info = self._theory()
         q0, q1 = lay.to_groups(Q0), lay.to_groups(Q1)
+        lin_pre, self._pre_linear = self._pre_linear, None
+        if info.has_linear:  # linear charges T = ⟨c, θ⟩ replace the quadratic sums on their neurons
+            if terms is not None and terms.T1 is not None:
+                T1 = terms.T1
+            else:
+                T1 = lay.reduce({n: p.detach() for n, p in self._params.items() if n in info.linear_params})
+            T0 = lin_pre[0] if lin_pre is not None else T1
+            q0 = torch.where(info.linear, lay.to_groups(T0), q0)
+            q1 = torch.where(info.linear, lay.to_groups(T1), q1)
         nan = torch.full_like(q0, float("nan"))
         if not self._started:
             acc[_START] = lay.per_group(q0)
             self._started = True
+        dyn = self._dyn
+        new_dyn = dict(dyn)
+        metric_charge = metric_pred = radial = nld = qstar = nan
         if terms is None:
             obs = q1 - q0
             pred = sym = brk = r = b = e = eff = angle = nan
+            tol = nan
         else:
-            t, extra = terms
-            obs, sym, brk = lay.to_groups(t.observed), lay.to_groups(t.symmetric), lay.to_groups(t.breaking)
-            # Tensors of one group with different η(1−ηλ) (mixed lr/wd): only Σ s_i R_i = 0 is a
-            # symmetry; the rest of Σ s_i(−2 k_i R_i) is a real drift and belongs to the prediction
+            coef = terms.coef
+            parts = [(t, m) for t, m in ((terms.quad, ~info.linear), (terms.linear, info.linear)) if t is not None]
+
+            def groups(field: str, unsigned: bool = False) -> Tensor:
+                out = nan
+                for t, mask in parts:
+                    out = torch.where(mask, lay.to_groups(getattr(t, field), unsigned=unsigned), out)
+                return out
+
+            obs, sym, brk, force = groups("observed"), groups("symmetric"), groups("breaking"), groups("force")
+            # Tensors of one group with different coefficients (mixed lr/wd): only Σ s_i R_i = 0 is a
+            # symmetry; the rest of Σ s_i(−k_i R_i) is a real drift and belongs to the prediction
             # (physics.md §2.1, per-tensor form). k̄ = the mean coefficient of the neuron's tensors.
-            count = lay.to_groups(torch.ones_like(t.coeff), unsigned=True)
-            kbar = lay.to_groups(t.coeff, unsigned=True) / count
-            brk_sym = -2.0 * kbar * lay.to_groups(t.force)
+            count = info.count
+            kbar = groups("coeff", unsigned=True) / count
+            brk_sym = -kbar * force
             sym = sym + (brk - brk_sym)
             brk = brk_sym
+            # rounding floor u_w·M (quadratic) or u_w·Σ|θ_k| (linear), physics.md §3.2
             rounding = lay.to_groups(self._unit_r * Q0, unsigned=True)
-            r, b, e = theory.residual_decomposition(obs, sym, brk, lay.to_groups(t.terms, unsigned=True), rounding)
-            tol = lay.to_groups(t.terms, unsigned=True) + 4.0 * rounding  # D_t per neuron (§3.2)
+            if terms.abs1 is not None:
+                rounding = torch.where(info.linear, lay.to_groups(self._unit_r * terms.abs1, unsigned=True), rounding)
+            scale_terms = groups("terms", unsigned=True)
+            r, b, e = theory.residual_decomposition(obs, sym, brk, scale_terms, rounding)
+            tol = scale_terms + 4.0 * rounding  # D_t per neuron (§3.2)
             pred = q0 + sym
+
+            def mean(name: str) -> Tensor:
+                return lay.to_groups(coef[name], unsigned=True) / count
+
+            adaptive = mean("adaptive") > 0.5
+            eff_factor = mean("eff_factor")
             # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
             # left out of the layer means
-            eff = torch.where(q0 > 0, lay.to_groups(extra["eff_factor"], unsigned=True) / count / q0, nan)
-            angle = torch.where((q0 > 0) & (q1 > 0),
-                                theory.angular_update(q0, q1, lay.to_groups(t.step_sq, unsigned=True)), nan)
+            eff = torch.where(q0 > 0, torch.where(adaptive, eff_factor / q0.clamp_min(0).sqrt(), eff_factor / q0), nan)
+            angle = torch.where((q0 > 0) & (q1 > 0), theory.angular_update(q0, q1, groups("step_sq", unsigned=True)),
+                                nan)
+            # §2.2: the continuous law, one exact step of its propagator per optimizer step
+            prop = torch.where(info.linear, lay.to_groups(coef["prop_linear"], unsigned=True),
+                               lay.to_groups(coef["prop"], unsigned=True)) / count
+            drive = torch.where(info.linear, 0.0, lay.to_groups(terms.drive))
+            on = dyn["on"] > 0
+            Qn, dQn = theory.propagate(torch.where(on, dyn["nld"], q0), torch.where(on, dyn["nld_rate"], 0.0), prop,
+                                       drive)
+            for _ in range(self._span - 1):  # sample_every: the steps since the last sample, same drive
+                Qs, dQs = theory.propagate(Qn, dQn, prop, drive)
+                Qn, dQn = torch.where(on, Qs, Qn), torch.where(on, dQs, dQn)
+            if not terms.fresh:  # started mid-run with a filled buffer: Q'(t0) = the observed step
+                Qn, dQn = torch.where(on, Qn, q1), torch.where(on, dQn, q1 - q0)
+            new_dyn.update(nld=Qn, nld_rate=dQn, on=torch.ones_like(Qn))
+            nld = Qn
+            # §2.4: Q*² = coefficient · EMA of the scale-free drive, averaged over one relaxation time
+            X = torch.where(mean("eq_numel") > 0.5, info.numel * info.numel, q0 * lay.to_groups(terms.eq_drive))
+            alpha = 1.0 - (1.0 - 1.0 / mean("relax").clamp_min(1.0)) ** self._span
+            ema_x = (1.0 - alpha) * dyn["ema_x"] + alpha * X
+            ema_w = (1.0 - alpha) * dyn["ema_w"] + alpha
+            new_dyn.update(ema_x=ema_x, ema_w=ema_w)
+            qstar = torch.where(info.scale, (mean("eq_coef") * ema_x / ema_w).sqrt(), nan)
+            if terms.quad is not None and terms.UU is not None:
+                radial = torch.where(adaptive & info.scale, lay.to_groups(terms.quad.force)
+                                     / (q0 * lay.to_groups(terms.UU)).clamp_min(0).sqrt(), nan)
+            if terms.metric is not None:
+                metric_charge = torch.where(info.linear, nan, lay.to_groups(terms.metric[0]))
+                metric_pred = torch.where(info.linear, nan, lay.to_groups(terms.metric[1]))
         # A non-finite step (NaN/inf gradient) is marked invalid and kept out of the accumulators,
         # without a host sync: the decision is a device-side mask.
         ok = torch.isfinite(obs).all() & (torch.isfinite(e).all() | (terms is None))
@@ -419,15 +784,31 @@ class NoetherTracker:
         new[_PRED] = lay.per_group(pred)
         new[_EFF] = self._finite_mean(eff)
         new[_ANGLE] = self._finite_mean(angle)
-        new[_TOL] = lay.per_group(tol) if terms is not None else torch.full_like(acc[_TOL], float("nan"))
+        new[_TOL] = lay.per_group(tol)
         new[_SUM_OBS] = acc[_SUM_OBS] + lay.per_group(obs)
         new[_SUM_SYM] = acc[_SUM_SYM] + lay.per_group(sym)
         new[_SUM_BRK] = acc[_SUM_BRK] + lay.per_group(brk)
+        new[_NLD] = lay.per_group(nld)
+        new[_QSTAR] = lay.per_group(qstar)
+        if terms is not None:
+            new[_ANGLE_STAR] = lay.per_group(lay.to_groups(terms.coef["eq_angle"], unsigned=True) / info.count, "mean")
+            new[_RELAX] = lay.per_group(lay.to_groups(terms.coef["relax"], unsigned=True) / info.count, "mean")
+            rms = torch.where(info.scale, lay.to_groups(terms.coef["rms_decay"], unsigned=True) / info.count, nan)
+            new[_RMS_DECAY] = lay.per_group(rms, "mean")
+            new[_RMS_ACC] = lay.per_group(torch.where(torch.isfinite(rms), q1 * q1, nan), "mean")
+        else:
+            new[_ANGLE_STAR] = new[_RELAX] = new[_RMS_DECAY] = new[_RMS_ACC] = lay.per_group(nan)
+        new[_RADIAL] = self._finite_mean(radial)
+        new[_METRIC] = lay.per_group(metric_charge)
+        new[_METRIC_PRED] = lay.per_group(metric_pred)
         new[_BAD] = acc[_BAD]
         bad = acc.clone()
         bad[_BAD] += 1.0
         acc.copy_(torch.where(ok, new, bad))
-        self.last = StepRecord(self.step + 1, q0, q1, pred, brk, r, b, e, eff, angle)
+        for k, v in new_dyn.items():
+            dyn[k] = torch.where(ok, v, dyn[k])
+        self.last = StepRecord(self.step + 1, q0, q1, pred, brk, r, b, e, eff, angle, nld=nld, equilibrium=qstar,
+                               metric_charge=metric_charge, metric_predicted=metric_pred, radial_update=radial)
 
     def sync_step(self, step: int) -> None:
         """Align the step count with an external optimizer-step clock (a trainer's global step).
@@ -465,6 +846,15 @@ class NoetherTracker:
                 if g.kind == "scale":
                     out[tag(g.kind, g.name, "effective_lr")] = vals[_EFF][i]
                     out[tag(g.kind, g.name, "angular_update")] = vals[_ANGLE][i]
+                # laws that exist only for some optimizers: logged where finite (NaN = no law)
+                optional = [("nld", _NLD), ("metric_charge", _METRIC), ("metric_predicted", _METRIC_PRED)]
+                if g.kind == "scale":
+                    optional += [("equilibrium", _QSTAR), ("equilibrium_angle", _ANGLE_STAR),
+                                 ("relaxation_steps", _RELAX), ("rmsprop_decay", _RMS_DECAY),
+                                 ("rmsprop_accumulator", _RMS_ACC), ("radial_update", _RADIAL)]
+                for q, row in optional:
+                    if math.isfinite(vals[row][i]):
+                        out[tag(g.kind, g.name, q)] = vals[row][i]
         return out
 
     def flush(self) -> dict[str, float]:
@@ -531,6 +921,7 @@ class NoetherTracker:
                 "delta_observed": vals[_SUM_OBS][i], "delta_predicted": vals[_SUM_SYM][i],
                 "delta_breaking": vals[_SUM_BRK][i], "max_residual": vals[_RUN_E][i],
                 "effective_lr": vals[_EFF][i] if g.kind == "scale" else float("nan"),
+                "charge_nld": vals[_NLD][i], "equilibrium": vals[_QSTAR][i] if g.kind == "scale" else float("nan"),
                 "invalid_steps": int(vals[_BAD][i]),
             })
         return rows
@@ -544,6 +935,7 @@ class NoetherTracker:
             "groups": [g.to_dict() for g in self.groups],
             "acc": None if self._acc is None else self._acc.detach().cpu().clone(),
             "started": self._started,
+            "dynamics": {k: v.detach().cpu().clone() for k, v in self._dyn.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -559,6 +951,11 @@ class NoetherTracker:
         if state.get("acc") is not None and self.layout is not None:
             self._acc = state["acc"].to(self.layout.device, torch.float64).clone()
         self._started = bool(state.get("started", False))
+        if state.get("dynamics") and self.layout is not None:
+            self._theory()
+            for k, v in state["dynamics"].items():
+                if k in self._dyn and self._dyn[k].shape == v.shape:
+                    self._dyn[k] = v.to(self.layout.device, torch.float64).clone()
 
 
 def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:

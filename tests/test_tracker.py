@@ -220,12 +220,26 @@ def test_hooks_never_change_training():
     assert all(torch.equal(a, b) for a, b in zip(b_a, b_b))
 
 
+class _SignSGD(torch.optim.Optimizer):
+    """A custom rule the tracker has no model of: θ ← θ − η sign(g)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
 def test_unsupported_optimizer_is_measured_only():
     torch.manual_seed(0)
     x, y = synthetic_classification(n=64)
     model = MLPBN()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with pytest.warns(UserWarning, match="no exact per-step model for Adam"):
+    opt = _SignSGD(model.parameters(), lr=1e-2)
+    with pytest.warns(UserWarning, match="no exact per-step model for _SignSGD"):
         tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=2, float64_accumulation=True)
     for _ in range(2):
         opt.zero_grad()
