@@ -18,61 +18,80 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 from . import testing
 
 __all__ = ["Classifier", "DigitsDataModule", "main"]
 
+#: The presets' networks, for 8×8 digits: name → classes → module.
 NETS = {
     "bn_cnn": lambda classes: testing.BNCNN(classes=classes),
+    "mlp_ln": lambda classes: testing.MLPLN(64, (128, 64), classes),
+    "relu_mlp": lambda classes: testing.ReLUMLP(64, (64, 32), classes),
 }
+OPTIMIZERS = ("sgd", "adamw")
 
 
 class Classifier(pl.LightningModule):
-    """A toy classifier with a plainly configured ``torch.optim.SGD`` (the presets' model).
+    """A toy classifier with a plainly configured optimizer (the presets' model).
 
     Args:
-        net: which toy network (``"bn_cnn"``).
+        net: which toy network: ``"bn_cnn"`` (BatchNorm CNN), ``"mlp_ln"`` (LayerNorm MLP),
+            ``"relu_mlp"`` (ReLU MLP without normalization).
         classes: number of classes.
         lr: learning rate η.
-        momentum: heavy-ball β.
-        dampening: τ.
-        nesterov: Nesterov momentum.
-        weight_decay: coupled λ.
+        momentum: heavy-ball β (SGD).
+        dampening: τ (SGD).
+        nesterov: Nesterov momentum (SGD).
+        weight_decay: λ: coupled for SGD, decoupled for AdamW.
         scheduler: ``None`` or ``"cosine"`` (per-step cosine decay over ``trainer.max_steps`` or the
             estimated number of steps).
+        optimizer: ``"sgd"`` (``torch.optim.SGD``) or ``"adamw"`` (``torch.optim.AdamW``).
+        betas: AdamW's (β1, β2).
     """
 
     def __init__(self, net: str = "bn_cnn", classes: int = 10, lr: float = 0.1, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                 scheduler: str | None = None) -> None:
+                 scheduler: str | None = None, optimizer: str = "sgd",
+                 betas: tuple[float, float] = (0.9, 0.999)) -> None:
         super().__init__()
         if net not in NETS:
             raise ValueError(f"Expected `net` to be one of {sorted(NETS)} but got {net!r}")
         if scheduler not in (None, "cosine"):
             raise ValueError(f"Expected `scheduler` to be None or 'cosine' but got {scheduler!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"Expected `optimizer` to be one of {list(OPTIMIZERS)} but got {optimizer!r}")
         self.save_hyperparameters()
         self.net: nn.Module = NETS[net](classes)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
         self.log("val/loss", nn.functional.cross_entropy(logits, y), prog_bar=True)
         self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, dampening=hp.dampening,
-                              nesterov=hp.nesterov, weight_decay=hp.weight_decay)
+        opt: torch.optim.Optimizer
+        if hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, dampening=hp.dampening,
+                                  nesterov=hp.nesterov, weight_decay=hp.weight_decay)
         if hp.scheduler is None:
             return opt
         steps = int(self.trainer.estimated_stepping_batches)
@@ -97,6 +116,7 @@ class DigitsDataModule(pl.LightningDataModule):
             raise ValueError(f"Expected `val_fraction` in [0, 1) but got {val_fraction}")
         self.batch_size, self.val_fraction, self.seed = batch_size, val_fraction, seed
 
+    @override
     def setup(self, stage: str) -> None:
         x, y = testing.digits()
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
@@ -104,10 +124,12 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val = TensorDataset(x[perm[:n_val]], y[perm[:n_val]])
         self.train = TensorDataset(x[perm[n_val:]], y[perm[n_val:]])
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(self.seed))
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=256)
 
