@@ -19,7 +19,8 @@ def _run(k, *, steps=20, momentum=0.9, log_every=5, record=None):
     tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=log_every, sample_every=k)
     for step in range(1, steps + 1):
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x[:16] if step % 2 else x[16:32]), y[:16] if step % 2 else y[16:32]).backward()
+        batch = slice(0, 16) if step % 2 else slice(16, 32)
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
         opt.step()
         if record is not None and tracker.last is not None and tracker.last.step == step:
             record[step] = tracker.last
