@@ -48,6 +48,9 @@ class NoetherMonitor(Callback):
         include: glob patterns over ``kind/layer`` keys to keep (``["scale/*"]``).
         exclude: glob patterns over ``kind/layer`` keys to drop.
         verbose: print the symmetry table at the start and the summary at the end.
+        sample_every: track one optimizer step in k; the other steps cost nothing (see
+            :class:`~nld_callbacks.NoetherTracker`: sampled steps are exact, the continuous law is
+            fed the sampled drives).
 
     Example::
 
@@ -64,7 +67,10 @@ class NoetherMonitor(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         verbose: bool = True,
+        sample_every: int = 1,
     ) -> None:
+        if not isinstance(sample_every, int) or isinstance(sample_every, bool) or sample_every < 1:
+            raise ValueError(f"Expected `sample_every` to be a positive int but got {sample_every!r}")
         if log_every_n_steps is not None and (
             not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
         ):
@@ -76,6 +82,7 @@ class NoetherMonitor(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
         self.verbose = verbose
+        self.sample_every = sample_every
         self.trackers: list[NoetherTracker] = []
         self.report: SymmetryReport | None = None
         self.summary: list[dict[str, Any]] = []
@@ -102,7 +109,7 @@ class NoetherMonitor(Callback):
         self._dashboards = None
         self.trackers = [
             NoetherTracker(pl_module, opt, writer=self._sink(trainer), log_every_n_steps=every,
-                           include=self.include, exclude=self.exclude)
+                           include=self.include, exclude=self.exclude, sample_every=self.sample_every)
             for opt in trainer.optimizers
         ]
         if self._pending_state is not None:

@@ -85,3 +85,23 @@ def test_sample_every_is_validated():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="sample_every"):
             NoetherTracker(model, opt, sample_every=bad)
+
+
+def test_monitor_passes_sample_every(tmp_path):
+    from lightning.pytorch import Trainer, seed_everything
+
+    from nld_callbacks import NoetherMonitor
+    from nld_callbacks.cli import Classifier, DigitsDataModule
+
+    with pytest.raises(ValueError, match="sample_every"):
+        NoetherMonitor(sample_every=0)
+    seed_everything(0, verbose=False)
+    monitor = NoetherMonitor(log_every_n_steps=4, sample_every=4, verbose=False)
+    trainer = Trainer(max_steps=12, logger=False, callbacks=[monitor], enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                      num_sanity_val_steps=0)
+    trainer.fit(Classifier(lr=0.1, momentum=0.9, weight_decay=5e-4), DigitsDataModule(batch_size=32))
+    (tracker,) = monitor.trackers
+    assert tracker.sample_every == 4 and tracker.step == 12
+    assert tracker.last is not None and tracker.last.step == 12  # the last step was a sampled one
+    assert monitor.summary and all(abs(r["max_residual"]) < 10 for r in monitor.summary)
