@@ -494,7 +494,6 @@ class ChargeLayout:
 
     def _build_dtype_plan(self, cdt: torch.dtype, items: list[tuple[int, int, int, bool, bool]]) -> _DtypePlan:
         S = self.scratch_elements
-        scratch = self._buffer(self._scratch, cdt, S)
         rdt = torch.float32 if cdt in (torch.float16, torch.bfloat16) else cdt
         # parameter-major, then chunk-major: the products of one tensor chunk follow each other, so
         # the chunk is read from memory once and the other products find it in cache
@@ -520,6 +519,11 @@ class ChargeLayout:
             used += pc.numel
         if cur:
             batches.append(cur)
+        need = max(sum(pc.numel for pc in b) for b in batches)
+        old = self._scratch.get(cdt)
+        if old is not None and old.numel() < need:
+            self._plans.clear()  # the plans built so far hold views of the smaller buffer
+        scratch = self._buffer(self._scratch, cdt, need)  # never more than the largest batch
         res = self._buffer(self._res, rdt, sum(pc.out_rows for pc in pieces))
         idx: list[int] = []
         plans = []
