@@ -164,6 +164,17 @@ class ToyProblem:
         """Cross-entropy of the model on one batch."""
         return nn.functional.cross_entropy(self.model(x), y)
 
+    def symmetries(self) -> Any:
+        """:func:`~nld_callbacks.find_symmetries` on one batch, with the loss.
+
+        With the loss the detection sees the softmax head's translation symmetry too.
+        """
+        from .symmetries import find_symmetries
+
+        y = self.y[: len(self.example_input)]
+        return find_symmetries(self.model, self.example_input,
+                               loss_fn=lambda out: nn.functional.cross_entropy(out, y))
+
     @property
     def example_input(self) -> torch.Tensor:
         """One batch of inputs (for :func:`~nld_callbacks.find_symmetries`)."""
@@ -318,7 +329,7 @@ def run_problem(problem: ToyProblem, steps: int, *, log_every_n_steps: int = 1,
         problem: from :func:`toy_problem`.
         steps: number of optimizer steps.
         log_every_n_steps: how often the tracker logs (1: every step).
-        symmetries: groups to track; by default :func:`~nld_callbacks.find_symmetries` on one batch.
+        symmetries: groups to track; by default :meth:`ToyProblem.symmetries`.
 
     Returns:
         The :class:`Trajectory`, with :attr:`Trajectory.start` filled.
@@ -327,9 +338,8 @@ def run_problem(problem: ToyProblem, steps: int, *, log_every_n_steps: int = 1,
 
     traj = Trajectory()
     opt = problem.optimizer()
-    kw: dict[str, Any] = {"example_input": problem.example_input} if symmetries is None else {}
-    with NoetherTracker(problem.model, opt, symmetries, writer=traj, log_every_n_steps=log_every_n_steps,
-                        **kw) as tracker:
+    groups = problem.symmetries() if symmetries is None else symmetries
+    with NoetherTracker(problem.model, opt, groups, writer=traj, log_every_n_steps=log_every_n_steps) as tracker:
         for x, y in problem.batches(steps):
             opt.zero_grad()
             problem.loss(x, y).backward()

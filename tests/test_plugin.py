@@ -118,12 +118,12 @@ def test_conserved_against_the_charge_read_off_the_weights(lr):
 def test_conservation_improves_as_the_learning_rate_shrinks():
     # R6 (physics.md §6): at a fixed time ηk the rescale drift falls ∝ η
     drifts = []
-    for lr, steps in [(0.1, 10), (0.01, 100)]:
+    for lr, steps in [(0.1, 10), (0.02, 50)]:
         p = toy_problem("mlp_bn", lr=lr)
         traj = _loop(p, steps, symmetries=[_rescale_group()])
         _, q = traj.series("rescale", "bn1", "charge")
         drifts.append(abs(q[-1] - traj.start["rescale/bn1"]))
-    assert drifts[1] < 0.3 * drifts[0]
+    assert drifts[1] < 0.4 * drifts[0]  # 0.2 if exactly ∝ η
 
 
 def test_equilibrium_from_the_trajectory_against_the_gradients():
@@ -135,7 +135,8 @@ def test_equilibrium_from_the_trajectory_against_the_gradients():
         w, b = p.model.fc1.weight.grad, p.model.fc1.bias.grad
         G.append(float((w * w).sum() + (b * b).sum()))
 
-    traj = _loop(p, 300, before_step=grad_sq)
+    scale = SymmetryGroup("scale", "fc1", (Member("fc1.weight"), Member("fc1.bias")), 32, "output channel", "BN")
+    traj = _loop(p, 200, symmetries=[scale], before_step=grad_sq)
     a2 = (1 - lr * wd) ** 2
     reference = lr * lr * sum(G[-50:]) / 50 / (1 - a2)  # Q* = η²⟨|g|²⟩/(1 − (1−ηλ)²), physics.md §2.4
     q_star = sgd_equilibrium(traj, "fc1", lr=lr, weight_decay=wd, window=50)
