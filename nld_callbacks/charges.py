@@ -112,65 +112,56 @@ _DIRECT = 1 << 14
 
 
 @dataclass(frozen=True)
-class _RowPlan:
-    """How one reduction of one tensor is evaluated: as per-row sums of a 2-D view.
+class _Target:
+    """One reduction of a tensor, evaluated on dim-0 slabs of the tensor's product.
 
-    Contiguous reductions (neuron axis 0, blocks along it, or the whole tensor) view the product as
-    ``(n_rows, row_len)`` rows, each summing into one output (rows longer than the scratch buffer
-    are split, and their parts summed by the final ``index_add_``). Any other axis is strided: the
-    tensor is chunked along dim 0 and each chunk summed over every dim but the neuron axis.
+    ``mode``: ``"rows"`` (neuron axis 0: one sum per dim-0 entry), ``"all"`` (the whole tensor is
+    one neuron: one partial sum per slab) or ``"axis"`` (any other axis: the slab summed over every
+    other dim). Outputs are ``start + j // per`` (``per`` > 1 for blocks); partial sums of one
+    output from several slabs add up in the final ``index_add_``.
     """
 
-    shape: tuple[int, ...]
     start: int
-    size: int
-    strided: bool
-    n_rows: int
-    row_len: int
-    per_output: int  # contiguous: rows per output entry; strided: neuron-axis entries per output
+    mode: str
     axis: int
+    per: int
+
+
+@dataclass(frozen=True)
+class _Slabs:
+    """Every reduction of one tensor, read off one product per dim-0 slab."""
+
+    shape: tuple[int, ...]
+    targets: tuple[_Target, ...]
 
     @property
-    def row_numel(self) -> int:
-        return self.row_len if not self.strided else math.prod(self.shape[1:])
+    def n(self) -> int:
+        return self.shape[0] if self.shape else 1
 
     @property
-    def min_piece(self) -> int:
-        return self.row_numel
-
-    @property
-    def sum_dims(self) -> tuple[int, ...]:
-        return tuple(d for d in range(len(self.shape)) if d != self.axis)
-
-    def chunk_rows(self, budget: int) -> int:
-        return max(1, budget // self.row_numel)
-
-    def as_rows(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.strided else t.reshape(self.n_rows, self.row_len)
+    def slice_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
 
 
-def _row_plan(shape: tuple[int, ...], r: _Reduction, budget: int) -> _RowPlan:
-    numel = math.prod(shape)
-    if r.axis is not None and math.prod(shape[: r.axis]) != 1:
-        per = shape[r.axis] // r.blocks if r.blocks is not None else 1
-        return _RowPlan(shape, r.start, r.size, True, shape[0], 0, per, r.axis)
-    n_out = 1 if r.axis is None else shape[r.axis]
-    length = numel // max(n_out, 1)
-    split = 1  # split rows longer than the budget into equal parts
-    if length > budget:
-        split = next((c for c in range(-(-length // budget), length + 1) if length % c == 0), length)
-    per = split * (n_out // r.blocks if r.blocks is not None else 1)
-    axis = -1 if r.axis is None else r.axis
-    return _RowPlan(shape, r.start, r.size, False, n_out * split, length // split, per, axis)
+def _slabs(shape: tuple[int, ...], reds: Sequence[_Reduction]) -> _Slabs:
+    targets = []
+    for r in reds:
+        if r.axis is None:
+            targets.append(_Target(r.start, "all", -1, 1))
+            continue
+        n = shape[r.axis]
+        per = n // r.blocks if r.blocks is not None else 1
+        targets.append(_Target(r.start, "rows" if r.axis == 0 else "axis", r.axis, per))
+    return _Slabs(shape, tuple(targets))
 
 
 @dataclass(frozen=True)
 class _Piece:
-    """Rows ``lo:hi`` of one product (or linear sum) of one tensor, for pair ``pair``."""
+    """Dim-0 entries ``lo:hi`` of one product (or linear sum) of one tensor, for pair ``pair``."""
 
     pair: int
     param: int
-    rp: _RowPlan
+    sl: _Slabs
     lo: int
     hi: int
     linear: bool
@@ -178,28 +169,15 @@ class _Piece:
 
     @property
     def whole(self) -> bool:
-        return self.lo == 0 and self.hi == self.rp.n_rows
+        return self.lo == 0 and self.hi == self.sl.n
 
     @property
     def numel(self) -> int:
-        return (self.hi - self.lo) * self.rp.row_numel
+        return (self.hi - self.lo) * self.sl.slice_numel
 
     @property
     def shape(self) -> tuple[int, ...]:
-        if self.whole:
-            return self.rp.shape
-        if self.rp.strided:
-            return (self.hi - self.lo, *self.rp.shape[1:])
-        return (self.hi - self.lo, self.rp.row_len)
-
-    @property
-    def out_rows(self) -> int:
-        return self.rp.shape[self.rp.axis] if self.rp.strided else self.hi - self.lo
-
-    def outputs(self) -> list[int]:
-        """Reduction index (within the tensor's reduction) of each summed row."""
-        rows = range(self.out_rows) if self.rp.strided else range(self.lo, self.hi)
-        return [r // self.rp.per_output for r in rows]
+        return self.sl.shape if self.whole else (self.hi - self.lo, *self.sl.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -207,9 +185,10 @@ class _Sum:
     src: torch.Tensor
     out: torch.Tensor
     dims: tuple[int, ...]
-    row_len: int  # 0 for strided sums (never merged)
+    row_len: int  # 0 for sums that never merge
     soff: int
     roff: int
+    rows: int
 
 
 @dataclass(frozen=True)
@@ -250,10 +229,10 @@ class ChargeLayout:
         float64_accumulation: upcast every tensor to float64 before multiplying and summing
             (exact products, float64 sums; several times slower on low-precision tensors). By
             default products and per-neuron sums run in the tensors' own dtype.
-        scratch_elements: size of the reusable product buffer, per compute dtype (``None``: 1/32 of
-            the grouped parameters' entries, clamped to [2¹⁸, 2²⁰]; never below the largest row
-            that cannot be split). It bounds the extra memory; products of larger tensors are
-            evaluated in row chunks.
+        scratch_elements: bound on the reusable product buffer, per compute dtype (``None``: 1/32
+            of the grouped parameters' entries, clamped to [2¹⁸, 2²⁰]; never below the largest
+            ``tensor[i]`` slice). It bounds the extra memory; products of larger tensors are
+            evaluated in slabs of dim-0 entries, each product once for all of its reductions.
 
     Cost of one :meth:`reduce_many` call (CPU and CUDA alike): per fused batch of at most
     ``scratch_elements`` entries, one ``_foreach_copy_`` and one ``_foreach_mul_`` (or one
@@ -328,9 +307,8 @@ class ChargeLayout:
             scratch_elements = min(max(numel // 32, 1 << 18), 1 << 20)
         if not isinstance(scratch_elements, int) or scratch_elements < 1:
             raise ValueError(f"Expected `scratch_elements` to be a positive int but got {scratch_elements!r}")
-        self._rows = {p: [_row_plan(self.shapes[p], r, scratch_elements) for r in self.reductions[p]]
-                      for p in self.params}
-        least = max((rp.min_piece for rows in self._rows.values() for rp in rows), default=1)
+        self._slabs = {p: _slabs(self.shapes[p], self.reductions[p]) for p in self.params}
+        least = max((sl.slice_numel for sl in self._slabs.values()), default=1)
         self.scratch_elements = max(scratch_elements, least)
         self._plans: dict[Any, _Plan] = {}
         self._memo: dict[Any, torch.Tensor] = {}
@@ -468,12 +446,13 @@ class ChargeLayout:
         return buf
 
     def _build_plan(self, key: tuple[Any, ...]) -> _Plan:
-        """Split every (pair, parameter, reduction) product into row chunks.
+        """Split every (pair, parameter) product into dim-0 slabs, each summed every way asked for.
 
-        The chunks are packed into batches of at most ``scratch_elements`` entries per compute
-        dtype, and every view the evaluation needs is made once, here.
+        One product serves every reduction of its parameter (rows, columns, the whole). The slabs
+        are packed into batches of at most ``scratch_elements`` entries per compute dtype, and
+        every view the evaluation needs is made once, here.
         """
-        by_dtype: dict[torch.dtype, list[tuple[int, int, int, bool, bool]]] = {}
+        by_dtype: dict[torch.dtype, list[tuple[int, int, bool, bool]]] = {}
         covered = 0
         for k, codes in enumerate(key):
             for i, code in enumerate(codes):
@@ -484,30 +463,29 @@ class ChargeLayout:
                 cdt = code if linear else torch.promote_types(code[0], code[1])
                 if self.float64_accumulation:
                     cdt = torch.float64
-                upcast = any(d != cdt for d in own)
-                for j, rp in enumerate(self._rows[self.params[i]]):
-                    by_dtype.setdefault(cdt, []).append((k, i, j, linear, upcast))
-                    covered += rp.size
+                by_dtype.setdefault(cdt, []).append((k, i, linear, any(d != cdt for d in own)))
+                covered += sum(r.size for r in self.reductions[self.params[i]])
         dtypes = [self._build_dtype_plan(cdt, items) for cdt, items in by_dtype.items()]
         full = covered == len(key) * self.n_reductions and not any(dp.duplicates for dp in dtypes)
         return _Plan(dtypes, zero=not full)
 
-    def _build_dtype_plan(self, cdt: torch.dtype, items: list[tuple[int, int, int, bool, bool]]) -> _DtypePlan:
+    def _build_dtype_plan(self, cdt: torch.dtype, items: list[tuple[int, int, bool, bool]]) -> _DtypePlan:
         S = self.scratch_elements
         rdt = torch.float32 if cdt in (torch.float16, torch.bfloat16) else cdt
-        # parameter-major, then chunk-major: the products of one tensor chunk follow each other, so
-        # the chunk is read from memory once and the other products find it in cache
-        owners: dict[tuple[int, int], list[tuple[int, bool, bool]]] = {}
-        for k, i, j, linear, upcast in items:
-            owners.setdefault((i, j), []).append((k, linear, upcast))
+        # parameter-major, then slab-major: the products of one slab follow each other, so the
+        # slab is read from memory once and the other products find it in cache
+        owners: dict[int, list[tuple[int, bool, bool]]] = {}
+        for k, i, linear, upcast in items:
+            owners.setdefault(i, []).append((k, linear, upcast))
         pieces: list[_Piece] = []
-        for (i, j), users in owners.items():
-            rp = self._rows[self.params[i]][j]
-            chunks = -(-rp.n_rows // rp.chunk_rows(S))
-            step = -(-rp.n_rows // chunks)  # balanced chunks of at most S entries
-            for lo in range(0, rp.n_rows, step):
-                hi = min(lo + step, rp.n_rows)
-                pieces.extend(_Piece(k, i, rp, lo, hi, linear, upcast) for k, linear, upcast in users)
+        for i, users in owners.items():
+            sl = self._slabs[self.params[i]]
+            per = max(1, S // sl.slice_numel)
+            chunks = -(-sl.n // per)
+            step = -(-sl.n // chunks)  # balanced slabs of at most S entries
+            for lo in range(0, sl.n, step):
+                hi = min(lo + step, sl.n)
+                pieces.extend(_Piece(k, i, sl, lo, hi, linear, upcast) for k, linear, upcast in users)
         batches: list[list[_Piece]] = []
         cur: list[_Piece] = []
         used = 0
@@ -524,33 +502,48 @@ class ChargeLayout:
         if old is not None and old.numel() < need:
             self._plans.clear()  # the plans built so far hold views of the smaller buffer
         scratch = self._buffer(self._scratch, cdt, need)  # never more than the largest batch
-        res = self._buffer(self._res, rdt, sum(pc.out_rows for pc in pieces))
+        n_out = sum(self._outputs(pc, t)[1] for pc in pieces for t in pc.sl.targets)
+        res = self._buffer(self._res, rdt, n_out)
         idx: list[int] = []
         plans = []
         roff = 0
         for batch in batches:
-            batch.sort(key=lambda pc: (pc.rp.strided, pc.rp.row_len))
-            soff = 0
+            batch.sort(key=lambda pc: pc.sl.slice_numel)
+            offs, soff = [], 0
             views: list[torch.Tensor] = []
-            sums: list[_Sum] = []
             for pc in batch:
                 views.append(scratch[soff : soff + pc.numel].view(pc.shape))
-                last = sums[-1] if sums else None
-                if pc.rp.strided:
-                    sums.append(_Sum(views[-1], res[roff : roff + pc.out_rows], pc.rp.sum_dims, 0, soff, roff))
-                elif last is not None and last.row_len == pc.rp.row_len:
-                    # the previous chunk has the same row length and ends where this one starts
-                    rows = (soff + pc.numel - last.soff) // pc.rp.row_len
-                    sums[-1] = _Sum(scratch[last.soff : soff + pc.numel].view(rows, pc.rp.row_len),
-                                    res[last.roff : roff + pc.out_rows], (1,), pc.rp.row_len, last.soff, last.roff)
-                else:
-                    rows = pc.numel // pc.rp.row_len
-                    sums.append(_Sum(scratch[soff : soff + pc.numel].view(rows, pc.rp.row_len),
-                                     res[roff : roff + pc.out_rows], (1,), pc.rp.row_len, soff, roff))
-                base = pc.pair * self.n_reductions + pc.rp.start
-                idx.extend(base + o for o in pc.outputs())
+                offs.append(soff)
                 soff += pc.numel
-                roff += pc.out_rows
+            sums: list[_Sum] = []
+            # first every per-row sum (adjacent slabs of one row length merge into one sum), then the rest
+            for pc, off in zip(batch, offs):
+                for t in pc.sl.targets:
+                    if t.mode != "rows":
+                        continue
+                    L, rows = pc.sl.slice_numel, pc.hi - pc.lo
+                    last = sums[-1] if sums else None
+                    if last is not None and last.row_len == L and last.soff + last.rows * L == off:
+                        n = last.rows + rows
+                        sums[-1] = _Sum(scratch[last.soff : off + rows * L].view(n, L),
+                                        res[last.roff : last.roff + n], (1,), L, last.soff, last.roff, n)
+                    else:
+                        sums.append(_Sum(scratch[off : off + rows * L].view(rows, L), res[roff : roff + rows], (1,),
+                                         L, off, roff, rows))
+                    idx.extend(pc.pair * self.n_reductions + t.start + j // t.per for j in range(pc.lo, pc.hi))
+                    roff += rows
+            for pc, off, view in zip(batch, offs, views):
+                for t in pc.sl.targets:
+                    if t.mode == "rows":
+                        continue
+                    outs, n = self._outputs(pc, t)
+                    if t.mode == "all":
+                        src, dims = scratch[off : off + pc.numel].view(1, pc.numel), (1,)
+                    else:
+                        src, dims = view, tuple(d for d in range(view.dim()) if d != t.axis)
+                    sums.append(_Sum(src, res[roff : roff + n], dims, 0, off, roff, n))
+                    idx.extend(pc.pair * self.n_reductions + o for o in outs)
+                    roff += n
             direct = [(v, pc) for v, pc in zip(views, batch)
                       if not pc.upcast and (pc.numel >= _DIRECT or len(batch) == 1)]
             fused = [(v, pc) for v, pc in zip(views, batch) if all(pc is not q for _, q in direct)]
@@ -559,21 +552,23 @@ class ChargeLayout:
         return _DtypePlan(rdt, plans, res[:roff], torch.tensor(idx, dtype=torch.long, device=self.device), dup)
 
     @staticmethod
+    def _outputs(pc: _Piece, t: _Target) -> tuple[list[int], int]:
+        """Reduction indices of the sums one slab gives for one target, and their number."""
+        if t.mode == "rows":
+            return [t.start + j // t.per for j in range(pc.lo, pc.hi)], pc.hi - pc.lo
+        if t.mode == "all":
+            return [t.start], 1
+        n = pc.sl.shape[t.axis]
+        return [t.start + j // t.per for j in range(n)], n
+
+    @staticmethod
     def _run(dp: _DtypePlan, xs: list[list[torch.Tensor | None]], ys: list[list[torch.Tensor | None]],
              flat: torch.Tensor, accumulate: bool) -> None:
-        rows: dict[tuple[int, int], torch.Tensor] = {}
-
         def piece(t: torch.Tensor, pc: _Piece) -> torch.Tensor:
-            if pc.whole:
-                return t
-            key = (id(t), id(pc.rp))
-            v = rows.get(key)
-            if v is None:
-                v = rows[key] = pc.rp.as_rows(t)
-            return v[pc.lo : pc.hi]
+            return t if pc.whole else t[pc.lo : pc.hi]
 
         for b in dp.batches:
-            # large chunks: the product straight into the scratch buffer (one read of each factor)
+            # large slabs: the product straight into the scratch buffer (one read of each factor)
             for v, pc in b.direct:
                 x = piece(xs[pc.pair][pc.param], pc)  # type: ignore[arg-type]
                 if pc.linear:
