@@ -69,6 +69,7 @@ __all__ = [
     "equilibrium_heavy_ball",
     "equilibrium_heavy_ball_walk",
     "equilibrium_sgd",
+    "exponential_lr_equivalent",
     "first_order_propagator",
     "heavy_ball_recursion",
     "heavy_ball_step",
@@ -770,6 +771,17 @@ def relaxation_steps_adamw(lr: Scalar, wd: Scalar) -> Tensor:
     """AdamW: Q relaxes at ≈ 2ηλ per step, i.e. 1/(2ηλ) steps (§2.4; not verified in physics.md)."""
     eta = lr if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=torch.float64)
     return 1.0 / (2.0 * eta * wd)
+
+
+def exponential_lr_equivalent(lr: float, wd: float, step: int) -> float:
+    """Li–Arora: on a fully scale-invariant net, SGD with λ at lr η equals SGD without weight decay at
+    lr η(1 − ηλ)^−(2t+1) on step t (counting from 0), with θ_t^wd = (1 − ηλ)^t θ̃_t (physics.md §2.4).
+
+    Example:
+        >>> round(exponential_lr_equivalent(0.1, 0.01, 0), 6)
+        0.1001
+    """
+    return lr * (1.0 - lr * wd) ** (-(2 * step + 1))
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
