@@ -235,10 +235,11 @@ class ChargeLayout:
             evaluated in slabs of dim-0 entries, each product once for all of its reductions.
 
     Cost of one :meth:`reduce_many` call (CPU and CUDA alike): per fused batch of at most
-    ``scratch_elements`` entries, one ``_foreach_copy_`` and one ``_foreach_mul_`` (or one
-    ``mul(out=)`` for a batch holding a single tensor chunk) and one ``sum`` per distinct row
-    length; then one cast and one ``index_add_``. No parameter is copied outside the scratch
-    buffer, nothing leaves the device.
+    ``scratch_elements`` entries, one ``_foreach_copy_`` and one ``_foreach_mul_`` for the small
+    tensors, one ``mul(out=)`` per large slab, and one ``sum`` per distinct row length (plus one
+    per column or whole-tensor reduction); then one cast and one ``index_add_``. The scratch
+    buffer is allocated for the call only; no parameter is copied outside it, nothing leaves the
+    device.
     """
 
     def __init__(
@@ -434,8 +435,18 @@ class ChargeLayout:
         flat = out.view(-1)
         if plan.zero:
             flat.zero_()
-        for dp in plan.dtypes:
-            self._run(dp, xs, ys, flat, plan.zero)
+        # the scratch buffers hold memory only during the call: their storages are given back
+        # after it (the precomputed views keep their offsets and see the new allocation next time)
+        storages = [t.untyped_storage() for t in self._scratch.values()]
+        for st, t in zip(storages, self._scratch.values()):
+            if st.nbytes() == 0:
+                st.resize_(t.numel() * t.element_size())
+        try:
+            for dp in plan.dtypes:
+                self._run(dp, xs, ys, flat, plan.zero)
+        finally:
+            for st in storages:
+                st.resize_(0)
         return out
 
     # ------------------------------------------------------------------ fused evaluation
@@ -443,6 +454,9 @@ class ChargeLayout:
         buf = store.get(dtype)
         if buf is None or buf.numel() < size:
             buf = store[dtype] = torch.empty(size, dtype=dtype, device=self.device)
+        st = buf.untyped_storage()
+        if st.nbytes() == 0:  # a scratch buffer between calls (views need its memory to be made)
+            st.resize_(buf.numel() * buf.element_size())
         return buf
 
     def _build_plan(self, key: tuple[Any, ...]) -> _Plan:
@@ -549,7 +563,10 @@ class ChargeLayout:
             fused = [(v, pc) for v, pc in zip(views, batch) if all(pc is not q for _, q in direct)]
             plans.append(_Batch([pc for _, pc in fused], [v for v, _ in fused], direct, sums))
         dup = len(set(idx)) != len(idx)
-        return _DtypePlan(rdt, plans, res[:roff], torch.tensor(idx, dtype=torch.long, device=self.device), dup)
+        small = dup and max(idx, default=0) < 2**31
+        # index_add_ takes int32 indices (half the memory); index_copy_ (no duplicates) wants int64
+        index = torch.tensor(idx, dtype=torch.int32 if small else torch.long, device=self.device)
+        return _DtypePlan(rdt, plans, res[:roff], index, dup)
 
     @staticmethod
     def _outputs(pc: _Piece, t: _Target) -> tuple[list[int], int]:
