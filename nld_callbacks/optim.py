@@ -246,13 +246,6 @@ class AdaptiveTensors:
     drive: dict[str, Tensor | None] | None
 
 
-def _step_count(state: Mapping[str, Any]) -> float | Tensor:
-    # a tensor step stays a tensor (a 0-dim host tensor acts as a scalar; a device one under
-    # ``capturable`` stays on the device): reading it never syncs
-    s = state["step"]
-    return s.to(torch.float64) if isinstance(s, Tensor) else float(s)
-
-
 def adaptive_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor],
                      hyper: Mapping[str, Hyper], grads: Mapping[str, Tensor | None]) -> AdaptiveTensors:
     """The update direction u (and the metric G where it applies) of each parameter, after the step.
@@ -260,7 +253,9 @@ def adaptive_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, Tens
     Adam/AdamW: u = m̂ / (sqrt(v̂) + ε) with torch's bias corrections (``max_exp_avg_sq`` under
     AMSGrad); the coupled decay is inside m. RMSprop: u = buffer with momentum, else
     u = (s·g + λθ_{t+1}) / (G − ηλ), which is (s·g + λθ_t)/G rewritten through the update itself
-    (s = −1 under ``maximize``).
+    (s = −1 under ``maximize``). Tensors of one param group are processed together with
+    ``torch._foreach_*`` ops (a fixed number of dispatches per group, whatever the depth), and the
+    step counts are never read on the host.
 
     Args:
         optimizer: the optimizer, after its step.
@@ -271,42 +266,50 @@ def adaptive_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, Tens
     update: dict[str, Tensor | None] = {}
     metric: dict[str, Tensor | None] = {}
     drive: dict[str, Tensor | None] = {}
-    any_metric = False
+    batches: dict[Hyper, list[str]] = {}
     for n, p in params.items():
-        h, g = hyper[n], grads[n]
-        state = optimizer.state.get(p)
-        if g is None or not state:
+        if grads[n] is None or not optimizer.state.get(p):
             update[n] = metric[n] = drive[n] = None
-            continue
-        if h.rule == "adam":
-            t = _step_count(state)
-            bc1 = 1.0 - h.momentum ** t
-            bc2 = 1.0 - h.beta2 ** t
-            sq = state["max_exp_avg_sq"] if h.amsgrad else state["exp_avg_sq"]
-            G = (sq / bc2).sqrt_().add_(h.eps)
-            d = state["exp_avg"] / bc1
-        else:  # rmsprop
-            sq = state["square_avg"]
-            G = (sq.addcmul(state["grad_avg"], state["grad_avg"], value=-1.0) if h.centered else sq).sqrt().add_(h.eps)
-            if h.momentum > 0.0:
-                update[n], metric[n], drive[n] = state["momentum_buffer"], None, None
-                continue
-            sg = -g if h.maximize else g
-            d = sg + h.wd * p.detach() if h.wd else sg
-            # u (G − ηλ) = s·g + λθ_{t+1}; then d := G u = s·g + λθ_t
-            u = d / (G - h.lr * h.wd) if h.wd else d / G
-            update[n] = u
-            if h.wd:
-                d = G * u
-            metric[n], drive[n] = G, d
-            any_metric = True
-            continue
-        update[n] = d / G
-        if h.metric:
-            metric[n], drive[n] = G, d
-            any_metric = True
         else:
-            metric[n] = drive[n] = None
+            batches.setdefault(hyper[n], []).append(n)
+    any_metric = False
+    for h, names in batches.items():
+        states = [optimizer.state[params[n]] for n in names]
+        if h.rule == "adam":
+            # bias corrections in float64 from the step tensors, as torch computes them
+            steps = torch.stack([torch.as_tensor(st["step"]) for st in states]).to(torch.float64)
+            bc1 = list((1.0 - h.momentum**steps).unbind())
+            bc2_sqrt = list((1.0 - h.beta2**steps).sqrt().unbind())
+            G = torch._foreach_sqrt([st["max_exp_avg_sq" if h.amsgrad else "exp_avg_sq"] for st in states])
+            torch._foreach_div_(G, bc2_sqrt)
+            torch._foreach_add_(G, h.eps)
+            d = torch._foreach_div([st["exp_avg"] for st in states], bc1)
+            u = torch._foreach_div(d, G)
+            keep = h.metric
+        else:  # rmsprop
+            sq = [st["square_avg"] for st in states]
+            if h.centered:
+                ga = [st["grad_avg"] for st in states]
+                sq = torch._foreach_addcmul(sq, ga, ga, value=-1.0)
+            G = torch._foreach_sqrt(sq)
+            torch._foreach_add_(G, h.eps)
+            if h.momentum > 0.0:
+                u, d, keep = [st["momentum_buffer"] for st in states], G, False
+            else:
+                g = [grads[n] for n in names]
+                d = torch._foreach_neg(g) if h.maximize else list(g)
+                if h.wd:
+                    # u (G − ηλ) = s·g + λθ_{t+1}; then d := G u = s·g + λθ_t
+                    d = torch._foreach_add(d, [params[n].detach() for n in names], alpha=h.wd)
+                    u = torch._foreach_div(d, torch._foreach_sub(G, h.lr * h.wd))
+                    d = torch._foreach_mul(G, u)
+                else:
+                    u = torch._foreach_div(d, G)
+                keep = True
+        for n, gi, di, ui in zip(names, G, d, u):
+            update[n] = ui
+            metric[n], drive[n] = (gi, di) if keep else (None, None)
+        any_metric = any_metric or keep
     return AdaptiveTensors(update, metric if any_metric else None, drive if any_metric else None)
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nld_callbacks import NoetherTracker, find_symmetries
+from nld_callbacks.optim import SGDW
 from nld_callbacks.symmetries import Member, SymmetryGroup
 from nld_callbacks.testing import MLPBN, synthetic_classification
 
@@ -442,3 +443,51 @@ def test_state_dict_resume_gives_the_same_values():
     assert resumed.step == full.step == 12
     assert resumed.logged[-1] == full.logged[-1]
     assert [r["max_residual"] for r in resumed.summary()] == [r["max_residual"] for r in full.summary()]
+
+
+class _NoHostSync(torch.overrides.TorchFunctionMode):
+    """Fails on every operation that reads a tensor's value on the host."""
+
+    FORBIDDEN = {torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy,
+                 torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FORBIDDEN:
+            raise AssertionError(f"host read in a tracker hook on a non-logging step: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.0, 0.99)),
+    lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True, weight_decay=1e-3),
+    lambda ps: torch.optim.RMSprop(ps, lr=1e-3, weight_decay=1e-3, centered=True),
+    lambda ps: SGDW(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3, dampening=0.1),
+], ids=["adamw_b1_0", "adam_amsgrad", "rmsprop_centered", "sgdw", "sgdm"])
+def test_new_rules_and_linear_charges_never_read_the_device_between_logs(make):
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64)
+    model = MLPBN()
+    opt = make(model.parameters())
+    trans = SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1), Member("fc3.bias", None, offset=16)),
+                          17, "input feature", "t")
+    tracker = NoetherTracker(model, opt, [*_groups(), trans], log_every_n_steps=4)
+    tracker.detach()
+    pre, post = tracker._pre_hook, tracker._post_hook
+
+    def guarded(hook, logs):
+        def run(*args):
+            if logs():
+                return hook(*args)
+            with _NoHostSync():
+                return hook(*args)
+        return run
+
+    tracker._pre_hook = guarded(pre, lambda: False)
+    tracker._post_hook = guarded(post, lambda: tracker.schedule(tracker.step + 1))
+    tracker.attach()
+    for _ in range(8):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert len(tracker.logged) == 2 and tracker.logged[-1]["nld/translation/fc3/residual"] < 4.0
