@@ -131,7 +131,7 @@ def test_residuals_at_the_floor_and_training_unchanged(tmp_path, setup):
     for (name, a), b in zip(plain.state_dict().items(), monitored.state_dict().values()):
         assert torch.equal(a, b), f"{setup['id']}: {name} differs with the monitor attached"
     assert monitor.summary, f"{setup['id']}: nothing tracked"
-    layers = {r["layer"] for r in monitor.summary}
+    layers = {r["layer"] for r in monitor.summary if r["kind"] == "scale"}
     expected = {"net.3", "net.7"} if setup.get("model", {}).get("frozen") else {"net.0", "net.3", "net.7"}
     assert layers == expected, setup["id"]
     for row in monitor.summary:
@@ -144,7 +144,7 @@ def test_residuals_at_the_floor_and_training_unchanged(tmp_path, setup):
 def test_unfrozen_layer_joins_mid_run(tmp_path):
     monitor = NoetherMonitor(verbose=False)
     _fit(tmp_path, [monitor], model_kw=dict(unfreeze_at=8))
-    rows = {r["layer"]: r for r in monitor.summary}
+    rows = {r["layer"]: r for r in monitor.summary if r["kind"] == "scale"}
     # the stem was frozen for 8 steps: its charge only moved once it joined
     assert rows["net.0"]["delta_observed"] != 0.0
     assert rows["net.0"]["max_residual"] < FLOOR

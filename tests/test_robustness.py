@@ -36,7 +36,7 @@ def test_non_finite_step_is_marked_invalid_and_kept_out():
     rows = [i for i in range(before.shape[0]) if i != _BAD]
     torch.testing.assert_close(tracker._acc[rows], before[rows], rtol=0, atol=0, equal_nan=True,
                                msg="accumulators moved on an invalid step")
-    assert tracker._acc[_BAD].tolist() == [2.0]
+    assert set(tracker._acc[_BAD].tolist()) == {2.0}
     with pytest.warns(UserWarning, match="2 step\\(s\\) had non-finite values") as rec:
         m = tracker.flush()
     assert len(rec) == 1
