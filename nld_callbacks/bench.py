@@ -1,0 +1,857 @@
+"""Overhead benchmark: what leaving the monitor on costs.
+
+Costs are set against the physical floor and two reference instrumentations.
+
+``nld bench`` trains the same model with and without instrumentation, in interleaved rounds
+(plain, instrumented, ..., then the reverse order in the next round), every run from the same
+seed on the same batches, warm-up steps excluded, with a fixed number of torch threads. Per round
+each instrumentation's step time is divided by the plain run's; the table shows the median ratio
+over rounds and its interquartile range (IQR). Instrumentations:
+
+* ``nld``: :class:`~nld_callbacks.NoetherTracker` hooks (logging every step and every 50 steps,
+  and the sampled mode), and :class:`~nld_callbacks.NoetherMonitor` on the Lightning CNN;
+* ``floor``: one fused ``torch._foreach_norm`` per step over exactly the monitored parameters,
+  gradients and momentum buffers, the least any exact per-step identity must read;
+* ``grad_norm``: Lightning's ``lightning.pytorch.utilities.grad_norm`` logged every step;
+* ``item``: a per-parameter norm logger (``.item()`` on every weight and gradient norm).
+
+Peak memory is the peak of torch's CPU allocator (allocation and free events recorded by
+``torch.profiler`` with ``profile_memory=True``, over one run from model creation on), or
+``torch.cuda.max_memory_allocated`` on CUDA. ``nld bench detect`` times
+:func:`~nld_callbacks.find_symmetries` on a 50-layer BatchNorm CNN against one plain
+forward+backward pass.
+
+Example:
+    >>> r = Stats.of([1.0, 1.2, 1.1, 1.3])
+    >>> round(r.median, 2), round(r.q1, 3), round(r.q3, 3)
+    (1.15, 1.075, 1.225)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .symmetries import SymmetryReport, find_symmetries
+from .tracker import NoetherTracker
+
+__all__ = ["Stats", "count_ops", "main", "resnet_cnn", "wide_mlp", "bn_cnn_deep"]
+
+Batch = tuple[Tensor, Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+def resnet_cnn(widths: Sequence[int] = (16, 32, 64), blocks: int = 1, classes: int = 10) -> nn.Module:
+    """A BatchNorm ResNet for 32×32 RGB inputs.
+
+    A 3×3 stem, one stage of basic blocks per width (stride 2 from the second stage on), global
+    average pooling and a linear head.
+    """
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    c = widths[0]
+    for i, w in enumerate(widths):
+        for j in range(blocks):
+            layers.append(_BasicBlock(c, w, 2 if i > 0 and j == 0 else 1))
+            c = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes)]
+    return nn.Sequential(*layers)
+
+
+def wide_mlp(width: int = 1024, depth: int = 4, d_in: int = 256, classes: int = 10) -> nn.Module:
+    """``depth`` blocks of Linear → BatchNorm1d → ReLU, then a linear head."""
+    layers: list[nn.Module] = []
+    c = d_in
+    for _ in range(depth):
+        layers += [nn.Linear(c, width), nn.BatchNorm1d(width), nn.ReLU()]
+        c = width
+    layers.append(nn.Linear(c, classes))
+    return nn.Sequential(*layers)
+
+
+def bn_cnn_deep(depth: int = 50, width: int = 32, classes: int = 10) -> nn.Module:
+    """``depth`` conv → BatchNorm2d → ReLU layers (3×3, ``width`` channels), pooling, a head."""
+    layers: list[nn.Module] = []
+    c = 3
+    for _ in range(depth):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        c = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes)]
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Workload:
+    """A model factory and the batches every run of it trains on."""
+
+    name: str
+    describe: str
+    make: Callable[[], nn.Module]
+    batches: list[Batch]
+    lr: float = 0.05
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The plainly configured optimizer of every run: SGD, heavy ball, coupled weight decay."""
+        return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+
+def _batches(shape: tuple[int, ...], n: int, classes: int, device: torch.device, seed: int = 0) -> list[Batch]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(shape, generator=gen)
+        y = torch.randint(0, classes, (shape[0],), generator=gen)
+        out.append((x.to(device), y.to(device)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# instrumentations
+
+
+class _Instrument:
+    """One instrumentation attached to one run; the plain run is this base class."""
+
+    label = "none"
+    every: int | None = None
+
+    def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
+        """Hook into the run before its first step."""
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Called between ``backward()`` and ``optimizer.step()``."""
+
+    def close(self) -> None:
+        """Remove every hook."""
+
+
+class _Tracker(_Instrument):
+    def __init__(self, every: int, sample_every: int = 1) -> None:
+        self.every, self.sample_every = every, sample_every
+        self.label = "nld" if sample_every == 1 else f"nld sampled 1/{sample_every}"
+        self.tracker: NoetherTracker | None = None
+
+    def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
+        self.tracker = NoetherTracker(model, opt, report, log_every_n_steps=self.every, sample_every=self.sample_every)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.detach()
+
+
+def _monitored(model: nn.Module, report: SymmetryReport) -> list[nn.Parameter]:
+    named = dict(model.named_parameters())
+    return [named[n] for n in dict.fromkeys(m.param for g in report.groups for m in g.members)]
+
+
+class _Floor(_Instrument):
+    """One fused ``torch._foreach_norm`` over the monitored θ, g and v after every step."""
+
+    label = "floor"
+    every = 1
+
+    def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
+        params = _monitored(model, report)
+
+        @torch.no_grad()
+        def post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            grads = [p.grad for p in params if p.grad is not None]
+            bufs = [b for b in (optimizer.state.get(p, {}).get("momentum_buffer") for p in params) if b is not None]
+            self.last = torch._foreach_norm(params + grads + bufs)
+
+        self.handle = opt.register_step_post_hook(post)
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+class _GradNorm(_Instrument):
+    """Lightning's ``grad_norm`` utility, every step, turned into logged floats."""
+
+    label = "grad_norm"
+    every = 1
+
+    def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
+        from lightning.pytorch.utilities import grad_norm
+
+        self.fn = grad_norm
+        self.logged: dict[str, float] = {}
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.logged = {k: float(v) for k, v in self.fn(model, norm_type=2).items()}
+
+
+class _ItemLogger(_Instrument):
+    """Per-parameter weight and gradient norms with one ``.item()`` each, every step."""
+
+    label = "item"
+    every = 1
+
+    def after_backward(self, model: nn.Module) -> None:
+        out = {}
+        for n, p in model.named_parameters():
+            out[f"weight_norm/{n}"] = p.detach().norm().item()
+            if p.grad is not None:
+                out[f"grad_norm/{n}"] = p.grad.norm().item()
+        self.logged = out
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Median and interquartile range of a sample."""
+
+    median: float
+    q1: float
+    q3: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stats:
+        """Median and quartiles (linear interpolation, as ``numpy.percentile``)."""
+        v = sorted(values)
+        if not v:
+            return cls(math.nan, math.nan, math.nan, 0)
+
+        def q(p: float) -> float:
+            x = p * (len(v) - 1)
+            lo = int(math.floor(x))
+            hi = min(lo + 1, len(v) - 1)
+            return v[lo] + (v[hi] - v[lo]) * (x - lo)
+
+        return cls(q(0.5), q(0.25), q(0.75), len(v))
+
+    def fmt(self, digits: int = 3) -> str:
+        """``median [q1, q3]``."""
+        return f"{self.median:.{digits}f} [{self.q1:.{digits}f}, {self.q3:.{digits}f}]"
+
+
+@dataclass
+class Timing:
+    """Mean wall-clock and CPU seconds per timed step of one run."""
+
+    wall: float
+    cpu: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train(work: Workload, inst: _Instrument, report: SymmetryReport, steps: int, warmup: int,
+           device: torch.device, check_sync: bool = False) -> Timing:
+    """One run: fresh model from the seed, ``warmup`` untimed steps, ``steps`` timed ones."""
+    torch.manual_seed(0)
+    model = work.make().to(device)
+    opt = work.optimizer(model)
+    inst.attach(model, opt, report)
+    loss_fn = nn.functional.cross_entropy
+    t0 = c0 = 0.0
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                _sync(device)
+                t0, c0 = time.perf_counter(), time.thread_time()
+            x, y = work.batches[i % len(work.batches)]
+            guard = check_sync and inst.every is not None and (i + 1) % inst.every != 0
+            with _sync_debug(device, guard):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                inst.after_backward(model)
+                opt.step()
+        _sync(device)
+        return Timing((time.perf_counter() - t0) / steps, (time.thread_time() - c0) / steps)
+    finally:
+        inst.close()
+
+
+@contextmanager
+def _sync_debug(device: torch.device, on: bool) -> Iterator[None]:
+    """``torch.cuda.set_sync_debug_mode("error")`` around a step: any host sync raises."""
+    if not on or device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes held by torch's allocator while ``fn`` runs (from the first allocation on).
+
+    CPU: the running sum of the allocation/free events ``torch.profiler`` records with
+    ``profile_memory=True`` (torch has no CPU allocator statistics). CUDA:
+    ``torch.cuda.max_memory_allocated`` above what was allocated before.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
+    while stack:
+        ev = stack.pop()
+        if ev.tag == _EventType.Allocation:
+            sizes.append((ev.start_time_ns, ev.extra_fields.alloc_size))
+        stack.extend(ev.children)
+    sizes.sort()
+    cur = peak = 0
+    for _, s in sizes:
+        cur += s
+        peak = max(peak, cur)
+    return peak
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], Any]) -> Counter[str]:
+    """Number of aten operations ``fn`` dispatches, by name (a fused ``_foreach_*`` counts once).
+
+    Example:
+        >>> c = count_ops(lambda: torch._foreach_norm([torch.ones(3), torch.ones(4)]))
+        >>> sum(c.values()), sorted(c)
+        (1, ['_foreach_norm'])
+    """
+    with _OpCounter() as mode:
+        fn()
+    return mode.ops
+
+
+def _hook_ops(work: Workload, report: SymmetryReport, device: torch.device, *, warmup: int = 3) -> tuple[int, int]:
+    """Aten ops the tracker's hooks add to one non-logging ``optimizer.step()``, and fused batches.
+
+    The fused batches are the scratch-buffer fills the charge reductions of that step ran in.
+    """
+    batches = 0
+
+    def step_ops(track: bool) -> int:
+        nonlocal batches
+        torch.manual_seed(0)
+        model = work.make().to(device)
+        opt = work.optimizer(model)
+        tracker = NoetherTracker(model, opt, report, log_every_n_steps=10**9) if track else None
+        for i in range(warmup + 1):
+            x, y = work.batches[i % len(work.batches)]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            if i == warmup:
+                n = sum(count_ops(opt.step).values())
+            else:
+                opt.step()
+        if tracker is not None:
+            tracker.detach()
+            lay = tracker.layout
+            if lay is not None:
+                batches = sum(len(dp.batches) for plan in lay._plans.values() for dp in plan.dtypes)
+        return n
+
+    ops = step_ops(True) - step_ops(False)
+    return ops, batches
+
+
+# --------------------------------------------------------------------------------------------
+# experiments
+
+
+@dataclass
+class Row:
+    """One instrumentation on one workload: ratios over interleaved rounds."""
+
+    model: str
+    label: str
+    every: str
+    plain_ms: float
+    time: Stats
+    cpu: Stats
+    added_ms: Stats
+    mem: float = math.nan
+    added_cpu_ms: Stats = field(default_factory=lambda: Stats.of([]))
+
+
+@dataclass
+class Config:
+    """How long and how often to measure."""
+
+    rounds: int = 5
+    steps: int = 50
+    warmup: int = 5
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    threads: int = 1
+    quick: bool = False
+
+
+def _interleaved(work: Workload, insts: Sequence[_Instrument], report: SymmetryReport, cfg: Config,
+                 memory: bool = True) -> list[Row]:
+    """Rounds of plain, instrumented..., alternating the order; ratios against the round's plain run."""
+    runs: list[list[Timing]] = [[] for _ in range(len(insts) + 1)]
+    order = list(range(len(insts) + 1))
+    arms: list[_Instrument] = [_Instrument(), *insts]
+    for r in range(cfg.rounds):
+        for i in order if r % 2 == 0 else order[::-1]:
+            runs[i].append(_train(work, _fresh(arms[i]), report, cfg.steps, cfg.warmup, cfg.device))
+    mem = [math.nan] * len(arms)
+    if memory:
+        msteps = min(cfg.steps, 6)
+        for i, arm in enumerate(arms):
+            mem[i] = peak_memory(lambda a=arm: _train(work, _fresh(a), report, msteps, 2, cfg.device), cfg.device)
+    rows = []
+    base = runs[0]
+    for i, arm in enumerate(arms):
+        t = [a.wall / b.wall for a, b in zip(runs[i], base)]
+        c = [a.cpu / b.cpu for a, b in zip(runs[i], base)]
+        added = [1e3 * (a.wall - b.wall) for a, b in zip(runs[i], base)]
+        added_cpu = [1e3 * (a.cpu - b.cpu) for a, b in zip(runs[i], base)]
+        every = "-" if arm.every is None else str(arm.every)
+        rows.append(Row(work.name, arm.label, every, 1e3 * statistics.median(b.wall for b in base), Stats.of(t),
+                        Stats.of(c), Stats.of(added), mem[i] / mem[0] if mem[0] else math.nan, Stats.of(added_cpu)))
+    return rows
+
+
+def _fresh(inst: _Instrument) -> _Instrument:
+    """A new instance with the same settings (instrumentations hold per-run state)."""
+    if isinstance(inst, _Tracker):
+        return _Tracker(inst.every or 1, inst.sample_every)
+    return type(inst)()
+
+
+def _workloads(cfg: Config) -> tuple[Workload, Workload]:
+    dev = cfg.device
+    if cfg.quick:
+        cnn = Workload("cnn", "ResNet-style BN CNN (8,16) on 32x32, batch 8",
+                       lambda: resnet_cnn((8, 16)), _batches((8, 3, 32, 32), 2, 10, dev))
+        mlp = Workload("mlp", "BN MLP 128 wide x 2, batch 8", lambda: wide_mlp(128, 2, 64),
+                       _batches((8, 64), 2, 10, dev))
+    else:
+        cnn = Workload("cnn", "ResNet-style BN CNN (16,32,64) on 32x32, batch 32",
+                       lambda: resnet_cnn((16, 32, 64)), _batches((32, 3, 32, 32), 4, 10, dev))
+        mlp = Workload("mlp", "BN MLP 1024 wide x 4, batch 16", lambda: wide_mlp(1024, 4, 256),
+                       _batches((16, 256), 4, 10, dev))
+    return cnn, mlp
+
+
+def _report_of(work: Workload) -> SymmetryReport:
+    torch.manual_seed(0)
+    model = work.make().to(work.batches[0][0].device)
+    return find_symmetries(model, work.batches[0][0])
+
+
+def _instruments(sample_every: int) -> list[_Instrument]:
+    return [_Tracker(1), _Tracker(50), _Tracker(50, sample_every), _Floor(), _GradNorm(), _ItemLogger()]
+
+
+# ------------------------------------------------------------------- Lightning
+
+
+def _lightning_rows(work: Workload, cfg: Config, sample_every: int) -> list[Row]:
+    """The CNN under a Lightning Trainer (TensorBoard logger in every arm), NoetherMonitor on/off."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities import grad_norm
+    from torch.utils.data import DataLoader
+
+    from .callback import NoetherMonitor
+
+    class Module(pl.LightningModule):
+        def __init__(self, log_grad_norm: bool) -> None:
+            super().__init__()
+            self.net = work.make()
+            self.log_grad_norm = log_grad_norm
+
+        def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+            loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            self.log("train/loss", loss)
+            return loss
+
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            if self.log_grad_norm:
+                self.log_dict(grad_norm(self, norm_type=2))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return work.optimizer(self)
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.t0 = self.c0 = 0.0
+            self.wall = self.cpu = 0.0
+
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == cfg.warmup:
+                _sync(cfg.device)
+                self.t0, self.c0 = time.perf_counter(), time.thread_time()
+
+        def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            _sync(cfg.device)
+            self.wall = (time.perf_counter() - self.t0) / cfg.steps
+            self.cpu = (time.thread_time() - self.c0) / cfg.steps
+
+    batches = [(x.cpu(), y.cpu()) for x, y in work.batches]
+    data = [batches[i % len(batches)] for i in range(cfg.warmup + cfg.steps)]
+    accel = "gpu" if cfg.device.type == "cuda" else "cpu"
+    arms: list[tuple[str, str, Callable[[], list[pl.Callback]], bool]] = [
+        ("none", "-", list, False),
+        ("NoetherMonitor", "1", lambda: [NoetherMonitor(log_every_n_steps=1, verbose=False)], False),
+        ("NoetherMonitor", "50", lambda: [NoetherMonitor(log_every_n_steps=50, verbose=False)], False),
+        (f"NoetherMonitor sampled 1/{sample_every}", "50",
+         lambda: [NoetherMonitor(log_every_n_steps=50, verbose=False, sample_every=sample_every)], False),
+        ("grad_norm", "1", list, True),
+    ]
+    runs: list[list[Timing]] = [[] for _ in arms]
+    tmp = tempfile.mkdtemp(prefix="nld_bench_")
+
+    def run(i: int) -> Timing:
+        label, every, callbacks, gn = arms[i]
+        torch.manual_seed(0)
+        clock = Clock()
+        trainer = pl.Trainer(
+            max_steps=cfg.warmup + cfg.steps, accelerator=accel, devices=1,
+            logger=TensorBoardLogger(tmp, name=f"arm{i}"), log_every_n_steps=int(every) if every != "-" else 50,
+            callbacks=[*callbacks(), clock], enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )
+        loader = DataLoader(data, batch_size=None, shuffle=False)
+        trainer.fit(Module(gn), loader)
+        return Timing(clock.wall, clock.cpu)
+
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "nld_callbacks")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            order = list(range(len(arms)))
+            for r in range(cfg.rounds):
+                for i in order if r % 2 == 0 else order[::-1]:
+                    runs[i].append(run(i))
+    finally:
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
+    base = runs[0]
+    rows = []
+    for i, (label, every, _, _) in enumerate(arms):
+        t = [a.wall / b.wall for a, b in zip(runs[i], base)]
+        c = [a.cpu / b.cpu for a, b in zip(runs[i], base)]
+        added = [1e3 * (a.wall - b.wall) for a, b in zip(runs[i], base)]
+        added_cpu = [1e3 * (a.cpu - b.cpu) for a, b in zip(runs[i], base)]
+        rows.append(Row(work.name + " (Lightning)", label, every, 1e3 * statistics.median(b.wall for b in base),
+                        Stats.of(t), Stats.of(c), Stats.of(added), math.nan, Stats.of(added_cpu)))
+    return rows
+
+
+# ------------------------------------------------------------------- depth
+
+
+@dataclass
+class DepthRow:
+    """Cost growth on one MLP depth."""
+
+    depth: int
+    params: int
+    tensors: int
+    plain_ms: float
+    added_ms: Stats
+    floor_ms: Stats
+    ops: int
+    batches: int
+    added_cpu_ms: Stats = field(default_factory=lambda: Stats.of([]))
+    floor_cpu_ms: Stats = field(default_factory=lambda: Stats.of([]))
+
+
+def _depth_rows(cfg: Config, depths: Sequence[int], width: int) -> list[DepthRow]:
+    rows = []
+    for d in depths:
+        work = Workload(f"mlp{d}", f"BN MLP {width} wide x {d}", lambda d=d: wide_mlp(width, d, width),
+                        _batches((16, width), 2, 10, cfg.device))
+        report = _report_of(work)
+        r = _interleaved(work, [_Tracker(50), _Floor()], report, cfg, memory=False)
+        params = _monitored(work.make(), report)
+        ops, nb = _hook_ops(work, report, cfg.device)
+        rows.append(DepthRow(d, sum(p.numel() for p in params), len(params), r[0].plain_ms, r[1].added_ms,
+                             r[2].added_ms, ops, nb, r[1].added_cpu_ms, r[2].added_cpu_ms))
+    return rows
+
+
+# ------------------------------------------------------------------- printing
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    w = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(head)).rstrip(),
+             "  ".join("-" * x for x in w)]
+    lines += ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _overhead_table(rows: Sequence[Row]) -> str:
+    head = ("model", "instrumentation", "log every", "plain ms/step", "time ratio [IQR]", "added ms/step",
+            "cpu-time ratio [IQR]", "added cpu ms", "peak mem ratio")
+    body = []
+    for r in rows:
+        body.append((r.model, r.label, r.every, f"{r.plain_ms:.2f}", r.time.fmt(), f"{r.added_ms.median:+.3f}",
+                     r.cpu.fmt(), f"{r.added_cpu_ms.median:+.3f}", "-" if math.isnan(r.mem) else f"{r.mem:.3f}"))
+    return _table(head, body)
+
+
+def _depth_table(rows: Sequence[DepthRow]) -> str:
+    head = ("layers", "monitored params", "tensors", "plain ms/step", "nld added ms (cpu)", "floor added ms (cpu)",
+            "added cpu us per M params", "hook ops/step", "fused batches")
+    body = []
+    for r in rows:
+        per = 1e3 * r.added_cpu_ms.median / (r.params / 1e6)
+        body.append((str(r.depth), f"{r.params:,}", str(r.tensors), f"{r.plain_ms:.2f}",
+                     f"{r.added_ms.median:+.3f} ({r.added_cpu_ms.median:+.3f})",
+                     f"{r.floor_ms.median:+.3f} ({r.floor_cpu_ms.median:+.3f})", f"{per:.0f}", str(r.ops),
+                     str(r.batches)))
+    return _table(head, body)
+
+
+def _find(rows: Sequence[Row], model: str, label: str, every: str) -> Row | None:
+    return next((r for r in rows if r.model == model and r.label == label and r.every == every), None)
+
+
+def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int) -> list[str]:
+    """Each target of the overhead budget, met or missed on the wall-clock median.
+
+    The CPU-time figure stands beside it (less sensitive to other load on the machine).
+    """
+    out = []
+
+    def check(name: str, wall: float, cpu: float, limit: float, unit: str = "x") -> None:
+        verdict = "met   " if wall <= limit else "MISSED"
+        out.append(f"{verdict}  {name}: {wall:.3f}{unit} wall, {cpu:.3f}{unit} cpu (target <= {limit:g}{unit})")
+
+    sampled = f"nld sampled 1/{sample_every}"
+    for model in ("cnn", "mlp"):
+        if model == "cnn":
+            for every, limit in (("1", 1.02), ("50", 1.01)):
+                r = _find(rows, model, "nld", every)
+                if r is not None:
+                    check(f"cnn, nld logging every {every} step(s): time ratio", r.time.median, r.cpu.median, limit)
+        r1, fl = _find(rows, model, "nld", "1"), _find(rows, model, "floor", "1")
+        if model == "mlp" and r1 is not None and fl is not None:
+            def over(a: Stats, b: Stats) -> float:
+                return a.median / b.median if b.median > 0 else math.inf
+
+            check("mlp, nld added time / floor added time (every step)", over(r1.added_ms, fl.added_ms),
+                  over(r1.added_cpu_ms, fl.added_cpu_ms), 2.0)
+        s = _find(rows, model, sampled, "50")
+        if s is not None:
+            check(f"{model}, sampled mode 1/{sample_every}: time ratio", s.time.median, s.cpu.median, 1.03)
+        for r in rows:
+            if r.model == model and r.label.startswith("nld") and not math.isnan(r.mem):
+                out.append(f"{'met   ' if r.mem <= 1.02 else 'MISSED'}  {model}, {r.label} every {r.every}: "
+                           f"peak memory ratio {r.mem:.3f}x (target <= 1.02x)")
+        nld1 = _find(rows, model, "nld", "1")
+        for ref in ("grad_norm", "item"):
+            rr = _find(rows, model, ref, "1")
+            if nld1 is not None and rr is not None:
+                check(f"{model}, added ms of nld every step minus {ref} every step", nld1.added_ms.median
+                      - rr.added_ms.median, nld1.added_cpu_ms.median - rr.added_cpu_ms.median, 0.0, " ms")
+    lt = [r for r in rows if r.model.endswith("(Lightning)")]
+    for label, every, limit in (("NoetherMonitor", "1", 1.02), ("NoetherMonitor", "50", 1.01),
+                                (f"NoetherMonitor sampled 1/{sample_every}", "50", 1.03)):
+        r = _find(lt, lt[0].model, label, every) if lt else None
+        if r is not None:
+            check(f"cnn (Lightning), {label} every {every}: time ratio", r.time.median, r.cpu.median, limit)
+    if len(depth) >= 2:
+        a, b = depth[0], depth[-1]
+
+        def growth(x: float, y: float) -> float:
+            return (y / x) / (b.params / a.params) if x > 0 else math.inf
+
+        check(f"depth {a.depth}->{b.depth}: overhead growth / parameter growth",
+              growth(a.added_ms.median, b.added_ms.median), growth(a.added_cpu_ms.median, b.added_cpu_ms.median), 1.0)
+        out.append(f"info    depth {a.depth}->{b.depth}: hook ops/step {a.ops} -> {b.ops} "
+                   f"({b.ops / max(a.ops, 1):.2f}x), fused batches {a.batches} -> {b.batches}, "
+                   f"ops per fused batch {a.ops / max(a.batches, 1):.1f} -> {b.ops / max(b.batches, 1):.1f}")
+    return out
+
+
+# ------------------------------------------------------------------- detect
+
+
+def detect(argv: Sequence[str]) -> int:
+    """``nld bench detect``: find_symmetries on a deep BatchNorm CNN vs one forward+backward."""
+    p = argparse.ArgumentParser(prog="nld bench detect", description=detect.__doc__)
+    p.add_argument("--depth", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    ns = p.parse_args(list(argv))
+    if ns.quick:
+        ns.depth, ns.repeats, ns.batch = min(ns.depth, 6), min(ns.repeats, 2), 2
+    torch.set_num_threads(ns.threads)
+    dev = torch.device(ns.device)
+    torch.manual_seed(0)
+    model = bn_cnn_deep(ns.depth).to(dev)
+    x = torch.randn(ns.batch, 3, 32, 32, device=dev)
+
+    def fwd_bwd() -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()
+        _sync(dev)
+
+    groups = 0
+
+    def det() -> None:
+        nonlocal groups
+        groups = len(find_symmetries(model, x))
+        _sync(dev)
+
+    fwd_bwd()
+    det()  # warm-up
+    tf, td = [], []
+    for _ in range(ns.repeats):
+        for fn, acc in ((fwd_bwd, tf), (det, td)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(1e3 * (time.perf_counter() - t0))
+    f, d = Stats.of(tf), Stats.of(td)
+    print(f"nld bench detect: torch {torch.__version__}, {dev}, {ns.threads} thread(s), median of {ns.repeats} runs")
+    print(_table(("model", "groups", "forward+backward ms [IQR]", "find_symmetries ms [IQR]", "ratio"),
+                 [(f"{ns.depth}-layer BN CNN, batch {ns.batch}, 32x32", str(groups), f.fmt(1), d.fmt(1),
+                   f"{d.median / f.median:.2f}x")]))
+    return 0
+
+
+# ------------------------------------------------------------------- entry point
+
+
+def _load() -> str:
+    """The machine's load averages: other work on the cores shows up in wall-clock ratios."""
+    try:
+        one, five, fifteen = os.getloadavg()
+        return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count() or 0} cores"
+    except OSError:  # pragma: no cover - not on every platform
+        return "load average unknown"
+
+
+
+def main(argv: Sequence[str]) -> int:
+    """``nld bench [--quick] [--device cuda] ...`` and ``nld bench detect ...``."""
+    argv = list(argv)
+    if argv and argv[0] == "detect":
+        return detect(argv[1:])
+    p = argparse.ArgumentParser(prog="nld bench", description="Overhead of NoetherMonitor/NoetherTracker against "
+                                "the plain run, the physical floor and two reference instrumentations.")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (fixed for every run)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 50)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per run (default 5)")
+    p.add_argument("--sample-every", type=int, default=10, help="the sampled mode's k")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: plain,lightning,depth,detect")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run with tiny models")
+    ns = p.parse_args(argv)
+    dev = torch.device(ns.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("nld bench: --device cuda asked for, but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    cfg = Config(device=dev, threads=ns.threads, quick=ns.quick)
+    if ns.quick:
+        cfg.rounds, cfg.steps, cfg.warmup = 1, 4, 2
+    cfg.rounds = ns.rounds or cfg.rounds
+    cfg.steps = ns.steps or cfg.steps
+    cfg.warmup = ns.warmup if ns.warmup is not None else cfg.warmup
+    skip = {s.strip() for s in ns.skip.split(",") if s.strip()}
+    torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    t_start = time.perf_counter()
+    print(f"nld bench: torch {torch.__version__}, {dev}, {cfg.threads} thread(s), {cfg.rounds} interleaved "
+          f"round(s), {cfg.steps} timed steps after {cfg.warmup} warm-up steps per run; {_load()}")
+    print("time ratio = instrumented / plain run of the same round (wall clock per step), median [IQR] over rounds;")
+    print("cpu-time = the same with this thread's CPU time (time.thread_time; all work runs on it at 1 thread);")
+    print("peak mem = peak bytes of torch's " + ("CUDA allocator (max_memory_allocated)" if dev.type == "cuda" else
+          "CPU allocator (torch.profiler allocation events), one run each"))
+    cnn, mlp = _workloads(cfg)
+    rows: list[Row] = []
+    if "plain" not in skip:
+        for work in (cnn, mlp):
+            report = _report_of(work)
+            print(f"\n[{work.name}] {work.describe}: {len(report.groups)} groups, "
+                  f"{sum(p.numel() for p in _monitored(work.make(), report)):,} monitored parameters")
+            part = _interleaved(work, _instruments(ns.sample_every), report, cfg)
+            rows += part
+            print(_overhead_table(part))
+    if "lightning" not in skip:
+        print(f"\n[cnn (Lightning)] {cnn.describe}, Trainer with a TensorBoardLogger in every arm")
+        part = _lightning_rows(cnn, cfg, ns.sample_every)
+        rows += part
+        print(_overhead_table(part))
+    depth: list[DepthRow] = []
+    if "depth" not in skip:
+        depths, width = ((2, 4, 8), 32) if cfg.quick else ((8, 32, 128), 256)
+        print(f"\n[cost growth] BN MLPs {width} wide, batch 16, nld logging every 50 steps; hook ops/step = aten ops "
+              "the hooks add to one non-logging optimizer.step() (TorchDispatchMode)")
+        dcfg = Config(rounds=max(1, cfg.rounds - 2), steps=cfg.steps, warmup=cfg.warmup, device=dev,
+                      threads=cfg.threads, quick=cfg.quick)
+        depth = _depth_rows(dcfg, depths, width)
+        print(_depth_table(depth))
+    print("\n[targets]")
+    for line in _verdicts(rows, depth, ns.sample_every):
+        print(line)
+    if "detect" not in skip:
+        print()
+        detect(["--quick"] if cfg.quick else ["--device", str(dev), "--threads", str(cfg.threads)])
+    print(f"\nnld bench: done in {time.perf_counter() - t_start:.0f} s; {_load()}")
+    return 0

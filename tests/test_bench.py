@@ -1,0 +1,112 @@
+"""`nld bench --quick`: the printed tables have their structure and finite ratios (never timings)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from nld_callbacks import bench
+
+SECTIONS = ["[cnn]", "[mlp]", "[cnn (Lightning)]", "[cost growth]", "[targets]", "nld bench detect"]
+
+
+def _cells(line: str, starts: list[int]) -> list[str]:
+    ends = starts[1:] + [len(line)]
+    return [line[a:b].strip() for a, b in zip(starts, ends)]
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """Fixed-width tables: a header line, a dashes line, rows until a blank line."""
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if i and re.fullmatch(r"-+( +-+)+", line):
+            starts = [m.start() for m in re.finditer(r"-+", line)]
+            rows = [_cells(lines[i - 1], starts)]
+            for row in lines[i + 1 :]:
+                if not row.strip():
+                    break
+                rows.append(_cells(row, starts))
+            out.append(rows)
+    return out
+
+
+@pytest.fixture(scope="module")
+def quick_output() -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(buf):
+            assert bench.main(["--quick"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return buf.getvalue()
+
+
+def test_quick_run_prints_every_section(quick_output):
+    for s in SECTIONS:
+        assert s in quick_output, s
+
+
+def test_overhead_tables_have_finite_ratios(quick_output):
+    tables = _tables(quick_output)
+    overhead = [t for t in tables if t[0][:3] == ["model", "instrumentation", "log every"]]
+    assert len(overhead) == 3  # cnn, mlp, cnn under Lightning
+    labels = set()
+    for t in overhead:
+        head = t[0]
+        col = head.index("time ratio [IQR]")
+        for row in t[1:]:
+            labels.add(row[1])
+            median, q1, q3 = (float(x) for x in re.findall(r"[-+0-9.]+", row[col]))
+            assert all(math.isfinite(v) for v in (median, q1, q3)) and q1 <= median <= q3
+            cpu = [float(x) for x in re.findall(r"[-+0-9.]+", row[head.index("cpu-time ratio [IQR]")])]
+            assert len(cpu) == 3 and all(math.isfinite(v) for v in cpu)
+            assert math.isfinite(float(row[head.index("added cpu ms")]))
+            mem = row[head.index("peak mem ratio")]
+            assert mem == "-" or math.isfinite(float(mem))
+        assert t[1][1] == "none" and t[1][4].startswith("1.000")  # the plain run against itself
+    for expected in ("nld", "nld sampled 1/10", "floor", "grad_norm", "item", "NoetherMonitor"):
+        assert expected in labels
+
+
+def test_cost_growth_table_counts_ops(quick_output):
+    (t,) = [t for t in _tables(quick_output) if t[0][0] == "layers"]
+    assert [r[0] for r in t[1:]] == ["2", "4", "8"]
+    head = t[0]
+    for row in t[1:]:
+        assert int(row[head.index("hook ops/step")]) > 0
+        assert int(row[head.index("fused batches")]) > 0
+        wall, cpu = re.fullmatch(r"([-+0-9.]+) \(([-+0-9.]+)\)", row[head.index("nld added ms (cpu)")]).groups()
+        assert math.isfinite(float(wall)) and math.isfinite(float(cpu))
+
+
+def test_targets_and_detect_lines(quick_output):
+    targets = quick_output.split("[targets]")[1].split("nld bench detect")[0].strip().splitlines()
+    assert targets and all(re.match(r"(met   |MISSED|info  )  ", line) for line in targets)
+    (t,) = [t for t in _tables(quick_output) if t[0][0] == "model" and "find_symmetries ms [IQR]" in t[0]]
+    assert t[1][-1].endswith("x") and math.isfinite(float(t[1][-1][:-1]))
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    def work():
+        x = torch.empty(1 << 18)  # 1 MiB, freed before the next one
+        del x
+        return torch.empty(1 << 16)
+
+    peak = bench.peak_memory(work, torch.device("cpu"))
+    assert (1 << 20) <= peak < (1 << 20) + (1 << 16) + 4096
+
+
+def test_stats_and_bad_device():
+    s = bench.Stats.of([3.0, 1.0, 2.0])
+    assert (s.median, s.q1, s.q3, s.n) == (2.0, 1.5, 2.5, 3)
+    assert math.isnan(bench.Stats.of([]).median)
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda"]) == 2
