@@ -289,7 +289,7 @@ def _train(work: Workload, inst: _Instrument, report: SymmetryReport, steps: int
                 _sync(device)
                 t0, c0 = time.perf_counter(), time.thread_time()
             x, y = work.batches[i % len(work.batches)]
-            guard = check_sync and inst.every is not None and (i + 1) % inst.every != 0
+            guard = check_sync and i >= warmup and inst.every is not None and (i + 1) % inst.every != 0
             with _sync_debug(device, guard):
                 opt.zero_grad(set_to_none=True)
                 loss_fn(model(x), y).backward()
@@ -466,6 +466,15 @@ def _fresh(inst: _Instrument) -> _Instrument:
     if isinstance(inst, _Tracker):
         return _Tracker(inst.every or 1, inst.sample_every)
     return type(inst)()
+
+
+def _sync_check(work: Workload, report: SymmetryReport, cfg: Config) -> str:
+    """One tracked run with ``torch.cuda.set_sync_debug_mode("error")`` on every non-logging step."""
+    try:
+        _train(work, _Tracker(50), report, cfg.steps, cfg.warmup, cfg.device, check_sync=True)
+    except RuntimeError as err:
+        return f"host synchronisation on a non-logging step: {err}"
+    return f"host synchronisations on {cfg.steps - cfg.steps // 50} non-logging steps: none (sync debug mode 'error')"
 
 
 def _workloads(cfg: Config) -> tuple[Workload, Workload]:
@@ -833,6 +842,8 @@ def main(argv: Sequence[str]) -> int:
             part = _interleaved(work, _instruments(ns.sample_every), report, cfg)
             rows += part
             print(_overhead_table(part))
+            if dev.type == "cuda":
+                print(_sync_check(work, report, cfg))
     if "lightning" not in skip:
         print(f"\n[cnn (Lightning)] {cnn.describe}, Trainer with a TensorBoardLogger in every arm")
         part = _lightning_rows(cnn, cfg, ns.sample_every)
