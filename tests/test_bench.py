@@ -69,6 +69,8 @@ def test_overhead_tables_have_finite_ratios(quick_output):
             cpu = [float(x) for x in re.findall(r"[-+0-9.]+", row[head.index("cpu-time ratio [IQR]")])]
             assert len(cpu) == 3 and all(math.isfinite(v) for v in cpu)
             assert math.isfinite(float(row[head.index("added cpu ms")]))
+            own = row[head.index("1 + own/plain [IQR]")]
+            assert own == "-" or all(math.isfinite(float(x)) and float(x) >= 1.0 for x in re.findall(r"[0-9.]+", own))
             mem = row[head.index("peak mem ratio")]
             assert mem == "-" or math.isfinite(float(mem))
         assert t[1][1] == "none" and t[1][4].startswith("1.000")  # the plain run against itself
@@ -89,7 +91,7 @@ def test_cost_growth_table_counts_ops(quick_output):
 
 def test_targets_and_detect_lines(quick_output):
     targets = quick_output.split("[targets]")[1].split("nld bench detect")[0].strip().splitlines()
-    assert targets and all(re.match(r"(met   |MISSED|info  )  ", line) for line in targets)
+    assert targets and all(re.match(r"(met   |MISSED|info  ) (met   |MISSED|-     )  ", line) for line in targets)
     (t,) = [t for t in _tables(quick_output) if t[0][0] == "model" and "find_symmetries ms [IQR]" in t[0]]
     assert t[1][-1].endswith("x") and math.isfinite(float(t[1][-1][:-1]))
 
