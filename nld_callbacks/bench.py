@@ -520,8 +520,8 @@ def _workloads(cfg: Config) -> tuple[Workload, Workload]:
         mlp = Workload("mlp", "BN MLP 128 wide x 2, batch 8", lambda: wide_mlp(128, 2, 64),
                        _batches((8, 64), 2, 10, dev))
     else:
-        cnn = Workload("cnn", "ResNet-style BN CNN (16,32,64) on 32x32, batch 32",
-                       lambda: resnet_cnn((16, 32, 64)), _batches((32, 3, 32, 32), 4, 10, dev))
+        cnn = Workload("cnn", "ResNet-style BN CNN (16,32,64) on 32x32, batch 16",
+                       lambda: resnet_cnn((16, 32, 64)), _batches((16, 3, 32, 32), 4, 10, dev))
         mlp = Workload("mlp", "BN MLP 1024 wide x 4, batch 16", lambda: wide_mlp(1024, 4, 256),
                        _batches((16, 256), 4, 10, dev))
     return cnn, mlp
@@ -894,7 +894,9 @@ def main(argv: Sequence[str]) -> int:
                 print(_sync_check(work, report, cfg))
     if "lightning" not in skip:
         print(f"\n[cnn (Lightning)] {cnn.describe}, Trainer with a TensorBoardLogger in every arm")
-        part = _lightning_rows(cnn, cfg, ns.sample_every)
+        lcfg = Config(rounds=max(1, cfg.rounds - 2), steps=cfg.steps, warmup=cfg.warmup, device=dev,
+                      threads=cfg.threads, quick=cfg.quick)
+        part = _lightning_rows(cnn, lcfg, ns.sample_every)
         rows += part
         print(_overhead_table(part))
     depth: list[DepthRow] = []
