@@ -186,7 +186,8 @@ def _overrides_step(cls: type, base: type) -> bool:
 def _as_float(x: Any, name: str) -> float:
     if isinstance(x, Tensor):
         if x.numel() != 1:
-            raise TypeError(f"Expected param group entry `{name}` to be a scalar but got a tensor of shape {tuple(x.shape)}")
+            raise TypeError(f"Expected param group entry `{name}` to be a scalar but got a tensor of shape "
+                            f"{tuple(x.shape)}")
         # A tensor lr (capturable/fused optimizers) usually lives on the host; reading it there is
         # not a device sync. Keep it a float for the arithmetic below.
         return float(x.detach().cpu())

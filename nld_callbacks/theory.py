@@ -51,7 +51,7 @@ from typing import NamedTuple, Union
 import torch
 from torch import Tensor
 
-Scalar = Union[float, Tensor]
+Scalar = Union[float, Tensor]  # noqa: UP007 (a runtime alias)
 
 __all__ = [
     "RMSPropForm",
@@ -143,8 +143,13 @@ def sgd_step(*, Q0: Tensor, Q1: Tensor, X: Tensor, G: Tensor, lr: Scalar, wd: Sc
         R_t = B(θ_t, g_t) = (B(θ_{t+1}, g_t) + η |g_t|²) / (1 − ηλ).
 
     Args:
-        Q0: red(θ_t²).  Q1: red(θ_{t+1}²).  X: red(θ_{t+1} g_t).  G: red(g_t²).
-        lr: η_t.  wd: λ.  maximize: the optimizer ascends (g → −g).
+        Q0: red(θ_t²).
+        Q1: red(θ_{t+1}²).
+        X: red(θ_{t+1} g_t).
+        G: red(g_t²).
+        lr: η_t.
+        wd: λ.
+        maximize: the optimizer ascends (g → −g).
     """
     eta, lam = _t(lr, Q0), _t(wd, Q0)
     if maximize:
@@ -177,9 +182,17 @@ def heavy_ball_step(*, Q0: Tensor, Q1: Tensor, P0: Tensor, X: Tensor, Y: Tensor,
         Q_{t+1} = Q_t − 2η A_t + η² K_t,     R_t = B(θ_{t+1}, g_t) + η B(v_{t+1}, g_t)
 
     Args:
-        Q0, P0: red(θ_t²), red(θ_t v_t) (0 before the buffer exists).
-        Q1, X, Y, K: red(θ_{t+1}²), red(θ_{t+1} g_t), red(v_{t+1} g_t), red(v_{t+1}²).
-        lr, wd, momentum: η_t, λ, β.  c: c_t.  maximize: g → −g.
+        Q0: red(θ_t²).
+        Q1: red(θ_{t+1}²).
+        P0: red(θ_t v_t) (0 before the buffer exists).
+        X: red(θ_{t+1} g_t).
+        Y: red(v_{t+1} g_t).
+        K: red(v_{t+1}²).
+        lr: η_t.
+        wd: λ.
+        momentum: β.
+        c: c_t.
+        maximize: g → −g.
     """
     eta, lam, beta, c = _t(lr, Q0), _t(wd, Q0), _t(momentum, Q0), _t(c, Q0)
     if maximize:
@@ -211,7 +224,19 @@ def nesterov_step(*, Q0: Tensor, Q1: Tensor, P0: Tensor, X: Tensor, G: Tensor, Y
         Q_{t+1} = Q_t − 2η B(θ_t, u_t) + η² B(u_t, u_t)
 
     Args:
-        Z: red(θ_{t+1} v_{t+1}); the rest as in :func:`heavy_ball_step`, plus G = red(g_t²).
+        Q0: red(θ_t²).
+        Q1: red(θ_{t+1}²).
+        P0: red(θ_t v_t) (0 before the buffer exists).
+        X: red(θ_{t+1} g_t).
+        G: red(g_t²).
+        Y: red(v_{t+1} g_t).
+        K: red(v_{t+1}²).
+        Z: red(θ_{t+1} v_{t+1}).
+        lr: η_t.
+        wd: λ.
+        momentum: β.
+        c: c_t.
+        maximize: g → −g.
     """
     eta, lam, beta, c = _t(lr, Q0), _t(wd, Q0), _t(momentum, Q0), _t(c, Q0)
     if maximize:
@@ -244,7 +269,16 @@ def sgdw_step(*, Q0: Tensor, Q1: Tensor, P0: Tensor, X: Tensor, Y: Tensor, K: Te
         R_t = (B(θ_{t+1}, g_t) + η B(v_{t+1}, g_t)) / a.
 
     Args:
-        As in :func:`heavy_ball_step` (no dampening).
+        Q0: red(θ_t²).
+        Q1: red(θ_{t+1}²).
+        P0: red(θ_t v_t) (0 before the buffer exists).
+        X: red(θ_{t+1} g_t).
+        Y: red(v_{t+1} g_t).
+        K: red(v_{t+1}²).
+        lr: η_t.
+        wd: λ (decoupled).
+        momentum: β.
+        maximize: g → −g.
     """
     eta, lam, beta = _t(lr, Q0), _t(wd, Q0), _t(momentum, Q0)
     if maximize:
@@ -282,8 +316,12 @@ def adaptive_step(*, Q0: Tensor, Q1: Tensor, U: Tensor, UU: Tensor, lr: Scalar, 
     unexplained residual e still certifies the model of the update (η, λ_d, the metric).
 
     Args:
-        Q0, Q1: red(θ_t²), red(θ_{t+1}²).  U: red(θ_{t+1} u_t).  UU: red(u_t²).
-        lr: η_t.  decay: λ_d.
+        Q0: red(θ_t²).
+        Q1: red(θ_{t+1}²).
+        U: red(θ_{t+1} u_t).
+        UU: red(u_t²).
+        lr: η_t.
+        decay: λ_d.
     """
     eta, lam = _t(lr, Q0), _t(decay, Q0)
     a = 1.0 - eta * lam
@@ -319,9 +357,13 @@ def metric_step(*, QG1: Tensor, XD: Tensor, DU: Tensor, Q0: Tensor, lr: Scalar, 
     :func:`adaptive_step`, whose Q_t is measured before the step.
 
     Args:
-        QG1: red(G θ_{t+1}²).  XD: red(θ_{t+1} d).  DU: red(d²/G) = red(d u).
+        QG1: red(G θ_{t+1}²).
+        XD: red(θ_{t+1} d).
+        DU: red(d²/G) = red(d u).
         Q0: red(θ_t²) (Euclidean; enters with a coupled decay).
-        lr: η.  decay: λ_d.  coupled_wd: λ_c.
+        lr: η.
+        decay: λ_d.
+        coupled_wd: λ_c.
 
     Returns:
         ``(Σ G θ_t², predicted Σ G θ_{t+1}² with R := 0)``.
@@ -425,8 +467,13 @@ def linear_sgd_step(*, T0: Tensor, T1: Tensor, Sg: Tensor, L1: Tensor, lr: Scala
         T_{t+1} = (1 − ηλ) T_t − η ⟨c, g_t⟩     (the symmetry says ⟨c, g⟩ = 0)
 
     Args:
-        T0, T1: red(θ_t), red(θ_{t+1}).  Sg: red(g_t).  L1: red(|u_t|), u_t = Δθ/(−η), for the
-        residual scale η Σ|u_k| of §3.2.  lr, wd: η, λ.  maximize: g → −g.
+        T0: red(θ_t).
+        T1: red(θ_{t+1}).
+        Sg: red(g_t).
+        L1: red(|u_t|), u_t = Δθ/(−η), for the residual scale η Σ|u_k| of §3.2.
+        lr: η.
+        wd: λ.
+        maximize: g → −g.
     """
     eta, lam = _t(lr, T0), _t(wd, T0)
     if maximize:
@@ -441,7 +488,16 @@ def linear_heavy_ball_step(*, T0: Tensor, T1: Tensor, S0: Tensor, Sg: Tensor, L1
         S_{t+1} = β S_t + c_t (λ T_t + ⟨c, g_t⟩),   T_{t+1} = T_t − η S_{t+1}    (S = ⟨c, v⟩)
 
     Args:
-        S0: red(v_t) (0 before the buffer exists); the rest as in :func:`linear_sgd_step`.
+        T0: red(θ_t).
+        T1: red(θ_{t+1}).
+        S0: red(v_t) (0 before the buffer exists).
+        Sg: red(g_t).
+        L1: red(|u_t|).
+        lr: η.
+        wd: λ.
+        momentum: β.
+        c: c_t.
+        maximize: g → −g.
     """
     eta, lam, beta, c = _t(lr, T0), _t(wd, T0), _t(momentum, T0), _t(c, T0)
     if maximize:
@@ -475,7 +531,12 @@ def linear_adaptive_step(*, T0: Tensor, T1: Tensor, Su: Tensor, L1: Tensor, lr: 
     ``breaking`` = −η⟨c, u⟩ is the drift itself [V: |ΔT| ≈ 0.6 × L1 of the update].
 
     Args:
-        Su: red(u_t).  L1: red(|u_t|).  decay: λ_d.
+        T0: red(θ_t).
+        T1: red(θ_{t+1}).
+        Su: red(u_t).
+        L1: red(|u_t|).
+        lr: η.
+        decay: λ_d.
     """
     eta, lam = _t(lr, T0), _t(decay, T0)
     return _linear(T1 - T0, -eta * lam * T0, Su, eta, eta * L1)
@@ -495,7 +556,10 @@ def residual_decomposition(observed: Tensor, symmetric: Tensor, breaking: Tensor
     step up to rounding; |e| ≫ 1 means it does not.
 
     Args:
-        observed, symmetric, breaking, terms: group-neuron values (see :class:`StepTerms`).
+        observed: ΔQ_obs per group neuron (see :class:`StepTerms`).
+        symmetric: ΔQ_sym.
+        breaking: ΔQ_break.
+        terms: Σ|terms of ΔQ_sym| (η Σ|u_k| for a linear charge).
         rounding: u_w·M_t per neuron: the group size (all signs +; Σ|θ_k| for a linear charge)
             times the unit roundoff of the weights' dtype, summed over tensors of different dtypes.
 
@@ -521,7 +585,7 @@ def residual_decomposition(observed: Tensor, symmetric: Tensor, breaking: Tensor
 
 
 def first_order_propagator(rate: Tensor) -> Tensor:
-    """One step of Q' = −a Q + f (f constant over the step) in the ``(..., 2, 3)`` propagator form.
+    """One step of Q' = −a Q + f (f constant over the step), in the ``(..., 2, 3)`` propagator form.
 
     Row 0 maps (Q, Q', f) to Q after one unit of time: e^{−a} Q + (1 − e^{−a})/a · f (→ Q + f at
     a = 0); row 1 is zero (a first-order law carries no velocity). See :func:`propagate`.
@@ -552,9 +616,10 @@ def oscillator_propagator(gamma: Tensor, omega2: Tensor) -> Tensor:
 
 
 def propagate(Q: Tensor, dQ: Tensor, prop: Tensor, drive: Tensor) -> tuple[Tensor, Tensor]:
-    """Advance (Q, Q') by one step with a propagator from :func:`first_order_propagator` or
-    :func:`oscillator_propagator` (``prop`` of shape ``(6, n)``, rows p00 p01 p02 p10 p11 p12, or
-    ``(n, 2, 3)``).
+    """Advance (Q, Q') by one step of a propagator.
+
+    ``prop`` comes from :func:`first_order_propagator` or :func:`oscillator_propagator`: shape
+    ``(n, 2, 3)``, or ``(6, n)`` with rows p00 p01 p02 p10 p11 p12. ``drive`` is f of that step.
 
     Example (no decay, constant drive: the first-order law adds the drive each step):
         >>> import torch
@@ -675,7 +740,8 @@ def spherical_rmsprop_step(u: Tensor, v: Tensor, g_tilde: Tensor, lr: float, wd:
         u: unit directions, ``(rows, n)`` (one group per row).
         v: accumulators |w|⁴, ``(rows,)``.
         g_tilde: the gradient at the unit vector û (the scale-free gradient), ``(rows, n)``.
-        lr, wd: η, λ.
+        lr: η.
+        wd: λ.
         exact: keep the η⁴ term (dropping it is RMSProp's usual form; it needs small angular steps).
 
     Returns:
@@ -730,7 +796,10 @@ def equilibrium_from_update(lr: Scalar, wd: Scalar, UU: Tensor, radial: Tensor) 
     """Q*_obs = ⟨η²|u|² − 2η(1−ηλ)⟨θ, u⟩⟩ / (ηλ(2−ηλ)) for any rule θ' = (1−ηλ)θ − ηu (§2.4).
 
     Args:
-        UU: ⟨|u|²⟩.  radial: ⟨⟨θ_t, u_t⟩⟩ (both averaged over the same window).
+        lr: η.
+        wd: λ (decoupled).
+        UU: ⟨|u|²⟩.
+        radial: ⟨⟨θ_t, u_t⟩⟩ (averaged over the same window).
     """
     eta, lam = _t(lr, UU), _t(wd, UU)
     return (eta * eta * UU - 2.0 * eta * (1.0 - eta * lam) * radial) / (eta * lam * (2.0 - eta * lam))
@@ -743,8 +812,10 @@ def equilibrium_angle_sgd(lr: Scalar, wd: Scalar) -> Tensor:
 
 
 def equilibrium_angle_heavy_ball(lr: Scalar, wd: Scalar, momentum: Scalar, dampening: Scalar = 0.0) -> Tensor:
-    """Heavy ball, random walk: angular update sqrt(2η(1−τ)λ/(1+β)) (§2.4; τ = 0 in physics.md, and
-    dampening only rescales the buffer, i.e. η → η(1−τ))."""
+    """Heavy ball, random walk: angular update sqrt(2η(1−τ)λ/(1+β)) (§2.4).
+
+    physics.md states τ = 0; dampening only rescales the buffer, i.e. η → η(1−τ).
+    """
     eta = lr if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=torch.float64)
     return (2.0 * eta * (1.0 - dampening) * wd / (1.0 + momentum)).sqrt()
 
@@ -774,8 +845,10 @@ def relaxation_steps_adamw(lr: Scalar, wd: Scalar) -> Tensor:
 
 
 def exponential_lr_equivalent(lr: float, wd: float, step: int) -> float:
-    """Li–Arora: on a fully scale-invariant net, SGD with λ at lr η equals SGD without weight decay at
-    lr η(1 − ηλ)^−(2t+1) on step t (counting from 0), with θ_t^wd = (1 − ηλ)^t θ̃_t (physics.md §2.4).
+    """Li–Arora: the no-decay learning rate η(1 − ηλ)^−(2t+1) equivalent to SGD + λ on step t (§2.4).
+
+    On a fully scale-invariant net, SGD with λ at lr η equals SGD without weight decay at this lr on
+    step t (counting from 0), with θ_t^wd = (1 − ηλ)^t θ̃_t.
 
     Example:
         >>> round(exponential_lr_equivalent(0.1, 0.01, 0), 6)

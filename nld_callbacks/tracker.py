@@ -153,7 +153,8 @@ def _coefficient_table(combos: Sequence[tuple[Hyper, bool, bool]]) -> Tensor:
     # §2.3: |w|⁴ is an RMSProp accumulator with decay (1−ηλ)⁴ (SGD), ≈ 1 − 4η(1−τ)λ/(1−β) (heavy ball)
     rms_decay = torch.where(is_sgd, (1.0 - eta * wd) ** 4,
                             torch.where(is_hb, 1.0 - 4.0 * eta * (1.0 - tau) * wd / (1.0 - beta), nan))
-    rows = [lr, wd, beta, c, sign, decay, fam, metric, eff_factor, adaptive, eq_coef, eq_numel, eq_angle, relax, rms_decay]
+    rows = [lr, wd, beta, c, sign, decay, fam, metric, eff_factor, adaptive, eq_coef, eq_numel, eq_angle, relax,
+            rms_decay]
     # §2.2 continuous laws, one step each: first-order for SGD, damped oscillator for heavy ball
     gamma, omega2 = theory.nld_heavy_ball_coefficients(lr, wd, beta, tau)
     _, omega2_lin = theory.nld_heavy_ball_coefficients(lr, wd, beta, tau, linear=True)
@@ -183,8 +184,10 @@ class _Step:
 
 
 def _merge(out: Mapping[str, theory.StepTerms], family: Tensor) -> theory.StepTerms:
-    """One StepTerms per reduction from the families present (param groups of different families:
-    each tensor gets its own)."""
+    """One StepTerms per reduction from the families present.
+
+    Param groups of different families: each tensor gets its own family's terms.
+    """
     first = next(iter(out.values()))
     if len(out) == 1:
         return first
@@ -444,10 +447,12 @@ class NoetherTracker:
 
     def _coefficients(self, hyp: Mapping[str, Hyper], first: Mapping[str, bool],
                       active: Mapping[str, bool]) -> dict[str, Tensor]:
-        """Per-reduction float64 vectors of every hyperparameter-derived coefficient (η, λ, β, c_t,
-        the sign of ``maximize``, the NLD propagators, the equilibrium coefficients); computed on
-        the host once per distinct (hyperparameters, first step, active) combination and cached
-        while nothing changes (one host-to-device copy when something does)."""
+        """Per-reduction float64 vectors of every hyperparameter-derived coefficient.
+
+        η, λ, β, c_t, the sign of ``maximize``, the NLD propagators, the equilibrium coefficients:
+        computed on the host once per distinct (hyperparameters, first step, active) combination
+        and cached while nothing changes (one host-to-device copy when something does).
+        """
         assert self.layout is not None
         key = tuple((hyp[n], first[n], active[n]) for n in self._params)
         if self._coef_cache is not None and self._coef_cache[0] == key:
@@ -467,8 +472,11 @@ class NoetherTracker:
         return coef
 
     def _theory(self) -> _TheoryLayout:
-        """Per-neuron facts of the current layout, and the per-neuron state of the continuous laws
-        and equilibrium averages (groups kept across a re-detection keep their state)."""
+        """Per-neuron facts of the current layout; (re)creates the per-neuron state of the laws.
+
+        The state holds the continuous laws and the equilibrium averages; groups kept across a
+        re-detection keep theirs.
+        """
         lay = self.layout
         assert lay is not None
         old = self._theory_cache
@@ -594,8 +602,10 @@ class NoetherTracker:
     def _terms(self, optimizer: torch.optim.Optimizer, Q0: Tensor, Q1: Tensor, P0: Tensor | None,
                first: Mapping[str, bool], theta: Mapping[str, Tensor],
                grads: Mapping[str, Tensor | None]) -> _Step:
-        """Every exact identity of physics.md §2.1 for this step, per reduction neuron: one batched
-        evaluation per optimizer family present, merged per tensor."""
+        """Every exact identity of physics.md §2.1 for this step, per reduction neuron.
+
+        One batched evaluation per optimizer family present, merged per tensor.
+        """
         lay = self.layout
         assert lay is not None
         info = self._theory()
@@ -908,8 +918,12 @@ class NoetherTracker:
         return out
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per-group run summary (host sync; call at the end): charge at start and now, observed and
-        predicted total change, the breaking part, largest |e|, last effective learning rate."""
+        """Per-group run summary (host sync; call at the end).
+
+        Charge at start and now, observed and predicted total change, the breaking part, largest
+        |e|, last effective learning rate, the continuous law's charge (``charge_nld``) and the
+        predicted equilibrium charge (``equilibrium``, scale groups; NaN where no law applies).
+        """
         if self.layout is None or self._acc is None:
             return []
         vals = self._acc.cpu().tolist()

@@ -222,7 +222,8 @@ def test_r6_rescale_conservation_restored_as_lr_shrinks(lr, expected):
     model = MLPBN(eps=EPS0)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     tracker = NoetherTracker(model, opt, [RESCALE], log_every_n_steps=10**9)
-    scale0 = (model.fc2.weight.detach() ** 2).sum(1) + model.fc2.bias.detach() ** 2 + (model.fc3.weight.detach() ** 2).sum(0)
+    w_in, b_in, w_out = model.fc2.weight.detach(), model.fc2.bias.detach(), model.fc3.weight.detach()
+    scale0 = (w_in**2).sum(1) + b_in**2 + (w_out**2).sum(0)
     q0 = None
     pred = torch.zeros(16, dtype=torch.float64)
     for _ in range(int(round(1.0 / lr))):

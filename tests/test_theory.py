@@ -564,7 +564,8 @@ def test_propagators_solve_their_equations():
     a = torch.tensor([0.2, 1e-12, 0.0], dtype=torch.float64)
     Q, _ = theory.propagate(torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
                             theory.first_order_propagator(a), f)
-    exact = torch.tensor([math.exp(-0.2) + 0.3 * (1 - math.exp(-0.2)) / 0.2, math.exp(-1e-12), 2.0], dtype=torch.float64)
+    exact = torch.tensor([math.exp(-0.2) + 0.3 * (1 - math.exp(-0.2)) / 0.2, math.exp(-1e-12), 2.0],
+                         dtype=torch.float64)
     torch.testing.assert_close(Q, exact, rtol=1e-14, atol=1e-14)
     # oscillator Q'' + 2γQ' + ω²Q = f: under-, critically and over-damped, from (Q0, V0)
     Q0, V0, F = 1.3, -0.4, 0.7
