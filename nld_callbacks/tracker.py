@@ -85,7 +85,12 @@ _DYN_KEYS = ("nld", "nld_rate", "on", "ema_x", "ema_w")
 class StepRecord:
     """The last tracked step, per group neuron (groups concatenated; split with ``layout.split``).
 
-    All tensors are float64 and stay on the parameters' device.
+    All tensors are float64 and stay on the parameters' device. ``charge`` is Q = B(θ, θ) for
+    quadratic groups and T = ⟨c, θ⟩ for linear (translation) groups. The optional fields are NaN
+    where no law applies to the optimizer: ``nld`` (the continuous law of physics.md §2.2, streamed
+    from the start), ``equilibrium`` (Q* of §2.4, scale groups), ``metric_charge`` and
+    ``metric_predicted`` (Σ G θ² of adaptive rules without momentum, §2.1), ``radial_update``
+    (cos(θ_t, u_t) of adaptive updates, the KSB signature).
     """
 
     step: int

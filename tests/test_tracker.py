@@ -274,9 +274,11 @@ def _measured_only(opt_factory, name, *, closure=False, steps=3):
     x, y = synthetic_classification(n=64, dtype=torch.float64)
     model = MLPBN().double()
     opt = opt_factory(model.parameters())
+    groups = [*_groups(), SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1),
+                                                              Member("fc3.bias", None, offset=16)), 17, "input", "t")]
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        tracker = NoetherTracker(model, opt, _groups(), log_every_n_steps=1)
+        tracker = NoetherTracker(model, opt, groups, log_every_n_steps=1)
         for _ in range(steps):
             def loss_fn():
                 opt.zero_grad()
@@ -298,8 +300,12 @@ def _measured_only(opt_factory, name, *, closure=False, steps=3):
         v = getattr(rec, field)
         assert v is None or bool(torch.isnan(v).all()), field
     theta = {n: p.detach() for n, p in model.named_parameters()}
-    for g, q in zip(_groups(), tracker.layout.split(rec.charge)):
-        torch.testing.assert_close(q, _B(g, theta, theta), rtol=1e-14, atol=0)
+    for g, q in zip(groups, tracker.layout.split(rec.charge)):
+        if g.linear:
+            W, b = theta["fc3.weight"], theta["fc3.bias"]
+            torch.testing.assert_close(q, torch.cat([W.sum(0), b.sum().reshape(1)]), rtol=1e-14, atol=1e-15)
+        else:
+            torch.testing.assert_close(q, _B(g, theta, theta), rtol=1e-14, atol=0)
 
 
 def test_custom_optimizer_gets_no_prediction():
