@@ -270,8 +270,9 @@ class NoetherTracker:
 
     Args:
         model: the network whose parameters the optimizer updates.
-        optimizer: the optimizer to hook (``torch.optim.SGD`` is modelled exactly; any other is
-            measured only, with predictions marked absent and one warning).
+        optimizer: the optimizer to hook. ``torch.optim.SGD`` (every form), :class:`~nld_callbacks.optim.SGDW`,
+            ``Adam``/``AdamW`` and ``RMSprop`` are modelled exactly (see :mod:`nld_callbacks.optim`);
+            any other is measured only, with predictions marked absent and one warning.
         symmetries: groups to track (from :func:`~nld_callbacks.find_symmetries`); with neither
             this nor ``example_input`` the tracker waits for :meth:`set_symmetries`.
         example_input: run :func:`~nld_callbacks.find_symmetries` on it.
