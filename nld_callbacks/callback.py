@@ -38,6 +38,13 @@ class NoetherMonitor(Callback):
         - ``nld/{kind}/{layer}/breaking``: the largest measured symmetry-breaking share |b|.
         - ``nld/scale/{layer}/effective_lr``: η/((1−ηλ)Q), mean over channels (physics.md §2.3).
         - ``nld/scale/{layer}/angular_update``: the measured angle of the step, mean over channels.
+        - ``nld/{kind}/{layer}/band_lower``, ``band_upper``: ``predicted`` ∓ D, D the residual
+          scale of physics.md §3.2 summed over the layer's neurons (the dashboard's tolerance band).
+
+        Through a ``TensorBoardLogger`` (rank 0) also: the custom-scalars layout (once, from the tags
+        written), the text panel ``nld/symmetries`` (detected groups and coverage), histograms
+        ``nld/{kind}/{layer}/neuron_charge`` and ``nld/scale/{layer}/neuron_effective_lr`` at
+        logging steps; through every logger, the monitor's settings as hyperparameters ``nld/...``.
 
         Predictions are logged only for optimizers modelled exactly (``torch.optim.SGD``); for any
         other optimizer only ``charge`` is logged, after one warning.
