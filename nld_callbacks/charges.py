@@ -313,6 +313,7 @@ class ChargeLayout:
         self.scratch_elements = max(scratch_elements, least)
         self._plans: dict[Any, _Plan] = {}
         self._memo: dict[Any, torch.Tensor] = {}
+        self._memo_quick: set[Any] = set()
         self._memo_refs: list[Any] = []
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self._res: dict[torch.dtype, torch.Tensor] = {}
@@ -326,7 +327,7 @@ class ChargeLayout:
             other: parameter name → Y; ``None`` reduces X itself (linear charges).
             out: optional preallocated float64 vector of ``n_reductions`` entries.
         """
-        if self._memo:
+        if self._memo and self._quick_key(tensors, other) in self._memo_quick:
             hit = self._memo.get(self._content_key(tensors, other))
             if hit is not None:
                 return hit if out is None else out.copy_(hit)
@@ -338,8 +339,9 @@ class ChargeLayout:
         """Evaluate ``pairs`` now in one :meth:`reduce_many` and keep the rows until :meth:`forget`.
 
         Meanwhile :meth:`reduce` on the same tensor contents returns the stored row. A row is found
-        by the contents of its tensors: each entry's storage address, strides, dtype and version
-        counter (any in-place change through the tensor or a view bumps it), and the tensors are
+        by the contents of its tensors: each entry's storage address and version counter (any
+        in-place change through the tensor or a view bumps it; entries are the parameter-shaped
+        tensors themselves or their detached aliases, never reshaped views), and the tensors are
         referenced until :meth:`forget`, so an address cannot be reused meanwhile. Writes through
         ``.data`` bypass the version counter: keep a prefetch to one step (the tracker forgets at
         the end of every optimizer-step hook).
@@ -366,20 +368,30 @@ class ChargeLayout:
         rows = self.reduce_many(pairs)
         for (X, Y), row in zip(pairs, rows):
             self._memo[self._content_key(X, Y)] = row
+            self._memo_quick.add(self._quick_key(X, Y))
         self._memo_refs = list(pairs)
         return rows
 
     def forget(self) -> None:
         """Drop the rows of :meth:`prefetch` and the references to its tensors."""
         self._memo = {}
+        self._memo_quick: set[Any] = set()
         self._memo_refs = []
 
     def _content_key(self, X: Mapping[str, torch.Tensor | None], Y: Mapping[str, torch.Tensor | None] | None) -> Any:
-        def sig(t: torch.Tensor | None) -> Any:
-            return None if t is None else (t.data_ptr(), t._version, t.stride(), t.dtype)
+        # storage address and version counter of every entry: equal keys mean equal contents while
+        # the memo references the tensors (an in-place change bumps the version)
+        xs = tuple(None if t is None else (t.data_ptr(), t._version) for t in map(X.get, self.params))
+        if Y is None:
+            return xs, None
+        return xs, tuple(None if t is None else (t.data_ptr(), t._version) for t in map(Y.get, self.params))
 
-        xs = tuple(sig(X.get(p)) for p in self.params)
-        return (xs, None) if Y is None else (xs, tuple(sig(Y.get(p)) for p in self.params))
+    def _quick_key(self, X: Mapping[str, torch.Tensor | None], Y: Mapping[str, torch.Tensor | None] | None) -> Any:
+        # a cheap filter before the full key: the first parameter's entries and the mapping sizes
+        first = self.params[0]
+        x, y = X.get(first), None if Y is None else Y.get(first)
+        return (None if x is None else x.data_ptr(), len(X), None if Y is None else (None if y is None else
+                y.data_ptr(), len(Y)))
 
     def reduce_many(self, pairs: Sequence[tuple[Mapping[str, torch.Tensor | None],
                                                  Mapping[str, torch.Tensor | None] | None]],
