@@ -664,8 +664,9 @@ class DepthRow:
 def _depth_rows(cfg: Config, depths: Sequence[int], width: int) -> list[DepthRow]:
     rows = []
     for d in depths:
+        # a small learning rate keeps the 128-layer net finite (a diverging run would time NaN paths)
         work = Workload(f"mlp{d}", f"BN MLP {width} wide x {d}", lambda d=d: wide_mlp(width, d, width),
-                        _batches((16, width), 2, 10, cfg.device))
+                        _batches((16, width), 2, 10, cfg.device), lr=0.002)
         report = _report_of(work)
         r = _interleaved(work, [_Tracker(50), _Floor()], report, cfg, memory=False)
         params = _monitored(work.make(), report)
