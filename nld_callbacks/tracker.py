@@ -348,6 +348,7 @@ class NoetherTracker:
         self._pre_linear: tuple[Tensor, Tensor | None] | None = None
         self._theory_cache: _TheoryLayout | None = None
         self._dyn: dict[str, Tensor] = {}
+        self._coef_groups: tuple[Any, dict[str, Tensor]] | None = None
         #: where the dashboard goes (layout, text panel, histograms): the writer itself when it is a
         #: SummaryWriter; the Lightning callback adds its loggers' experiments
         self.dashboards: list[Dashboard] = [Dashboard(writer)] if Dashboard.supports(writer) else []
@@ -699,73 +700,97 @@ class NoetherTracker:
         return _Step(quad=_merge(quad, fam) if quad else None, linear=lin, T1=T1, abs1=A1, coef=coef, drive=drive,
                      eq_drive=eq_drive, UU=UU, metric=metric, fresh=all(first.values()) if first else True)
 
+    def _group_coefficients(self, coef: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Group-neuron means of the per-reduction coefficients: one mapping per coefficient change."""
+        if self._coef_groups is not None and self._coef_groups[0] is coef:
+            return self._coef_groups[1]
+        lay, info = self.layout, self._theory()
+        assert lay is not None
+        names = ("adaptive", "eff_factor", "eq_numel", "relax", "eq_coef", "eq_angle", "rms_decay")
+        rows = torch.cat([torch.stack([coef[n] for n in names]), coef["prop"], coef["prop_linear"]])
+        g = lay.to_groups(rows, unsigned=True) / info.count
+        out = dict(zip(names, g[: len(names)]))
+        k = len(names)
+        out["prop"] = torch.where(info.linear, g[k + 6 : k + 12], g[k : k + 6])
+        out["rms_decay"] = torch.where(info.scale, out["rms_decay"], torch.nan)
+        self._coef_groups = (coef, out)
+        return out
+
     def _accumulate(self, Q0: Tensor, Q1: Tensor, terms: _Step | None) -> None:
         lay, acc = self.layout, self._acc
         assert lay is not None and acc is not None
         info = self._theory()
-        q0, q1 = lay.to_groups(Q0), lay.to_groups(Q1)
         lin_pre, self._pre_linear = self._pre_linear, None
+        # every per-reduction quantity goes to the group neurons in two batched maps (signed, unsigned)
+        signed: list[Tensor] = [Q0, Q1]
+        unsigned: list[Tensor] = []
         if info.has_linear:  # linear charges T = ⟨c, θ⟩ replace the quadratic sums on their neurons
             if terms is not None and terms.T1 is not None:
                 T1 = terms.T1
             else:
                 T1 = lay.reduce({n: p.detach() for n, p in self._params.items() if n in info.linear_params})
-            T0 = lin_pre[0] if lin_pre is not None else T1
-            q0 = torch.where(info.linear, lay.to_groups(T0), q0)
-            q1 = torch.where(info.linear, lay.to_groups(T1), q1)
+            signed += [lin_pre[0] if lin_pre is not None else T1, T1]
+        parts: list[tuple[theory.StepTerms, Tensor]] = []
+        if terms is not None:
+            parts = [(t, m) for t, m in ((terms.quad, ~info.linear), (terms.linear, info.linear)) if t is not None]
+            for t, _ in parts:
+                signed += [t.observed, t.symmetric, t.breaking, t.force]
+                unsigned += [t.coeff, t.terms, t.step_sq]
+            signed += [terms.drive, terms.eq_drive]
+            signed += [terms.UU] if terms.UU is not None else []
+            signed += list(terms.metric) if terms.metric is not None else []
+            # rounding floor u_w·M (quadratic) or u_w·Σ|θ_k| (linear), physics.md §3.2
+            unsigned += [self._unit_r * Q0] + ([self._unit_r * terms.abs1] if terms.abs1 is not None else [])
+        S = iter(lay.to_groups(torch.stack(signed)).unbind())
+        q0, q1 = next(S), next(S)
+        if info.has_linear:
+            t0, t1 = next(S), next(S)
+            q0, q1 = torch.where(info.linear, t0, q0), torch.where(info.linear, t1, q1)
         nan = torch.full_like(q0, float("nan"))
         if not self._started:
             acc[_START] = lay.per_group(q0)
             self._started = True
         dyn = self._dyn
         new_dyn = dict(dyn)
-        metric_charge = metric_pred = radial = nld = qstar = nan
+        metric_charge = metric_pred = radial = nld = qstar = angle_star = relax = rms = rms_acc = nan
         if terms is None:
             obs = q1 - q0
-            pred = sym = brk = r = b = e = eff = angle = nan
-            tol = nan
+            pred = sym = brk = r = b = e = eff = angle = tol = nan
         else:
-            coef = terms.coef
-            parts = [(t, m) for t, m in ((terms.quad, ~info.linear), (terms.linear, info.linear)) if t is not None]
-
-            def groups(field: str, unsigned: bool = False) -> Tensor:
-                out = nan
-                for t, mask in parts:
-                    out = torch.where(mask, lay.to_groups(getattr(t, field), unsigned=unsigned), out)
-                return out
-
-            obs, sym, brk, force = groups("observed"), groups("symmetric"), groups("breaking"), groups("force")
+            U = iter(lay.to_groups(torch.stack(unsigned), unsigned=True).unbind())
+            obs = sym = brk = force = coeff = scale_terms = step_sq = quad_force = nan
+            for t, mask in parts:
+                o, s, br, f, c, te, ss = next(S), next(S), next(S), next(S), next(U), next(U), next(U)
+                obs, sym, brk, force = (torch.where(mask, x, y) for x, y in ((o, obs), (s, sym), (br, brk), (f, force)))
+                coeff, scale_terms, step_sq = (torch.where(mask, x, y)
+                                               for x, y in ((c, coeff), (te, scale_terms), (ss, step_sq)))
+                if t is terms.quad:
+                    quad_force = f
+            drive_g, eq_drive_g = next(S), next(S)
+            UU = next(S) if terms.UU is not None else None
+            metric = (next(S), next(S)) if terms.metric is not None else None
+            rounding = next(U)
+            if terms.abs1 is not None:
+                rounding = torch.where(info.linear, next(U), rounding)
+            cg = self._group_coefficients(terms.coef)
+            count = info.count
             # Tensors of one group with different coefficients (mixed lr/wd): only Σ s_i R_i = 0 is a
             # symmetry; the rest of Σ s_i(−k_i R_i) is a real drift and belongs to the prediction
             # (physics.md §2.1, per-tensor form). k̄ = the mean coefficient of the neuron's tensors.
-            count = info.count
-            kbar = groups("coeff", unsigned=True) / count
-            brk_sym = -kbar * force
+            brk_sym = -(coeff / count) * force
             sym = sym + (brk - brk_sym)
             brk = brk_sym
-            # rounding floor u_w·M (quadratic) or u_w·Σ|θ_k| (linear), physics.md §3.2
-            rounding = lay.to_groups(self._unit_r * Q0, unsigned=True)
-            if terms.abs1 is not None:
-                rounding = torch.where(info.linear, lay.to_groups(self._unit_r * terms.abs1, unsigned=True), rounding)
-            scale_terms = groups("terms", unsigned=True)
             r, b, e = theory.residual_decomposition(obs, sym, brk, scale_terms, rounding)
             tol = scale_terms + 4.0 * rounding  # D_t per neuron (§3.2)
             pred = q0 + sym
-
-            def mean(name: str) -> Tensor:
-                return lay.to_groups(coef[name], unsigned=True) / count
-
-            adaptive = mean("adaptive") > 0.5
-            eff_factor = mean("eff_factor")
+            adaptive = cg["adaptive"] > 0.5
             # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
             # left out of the layer means
-            eff = torch.where(q0 > 0, torch.where(adaptive, eff_factor / q0.clamp_min(0).sqrt(), eff_factor / q0), nan)
-            angle = torch.where((q0 > 0) & (q1 > 0), theory.angular_update(q0, q1, groups("step_sq", unsigned=True)),
-                                nan)
+            eff = torch.where(q0 > 0, cg["eff_factor"] / torch.where(adaptive, q0.clamp_min(0).sqrt(), q0), nan)
+            angle = torch.where((q0 > 0) & (q1 > 0), theory.angular_update(q0, q1, step_sq), nan)
             # §2.2: the continuous law, one exact step of its propagator per optimizer step
-            prop = torch.where(info.linear, lay.to_groups(coef["prop_linear"], unsigned=True),
-                               lay.to_groups(coef["prop"], unsigned=True)) / count
-            drive = torch.where(info.linear, 0.0, lay.to_groups(terms.drive))
+            prop = cg["prop"]
+            drive = torch.where(info.linear, 0.0, drive_g)
             on = dyn["on"] > 0
             Qn, dQn = theory.propagate(torch.where(on, dyn["nld"], q0), torch.where(on, dyn["nld_rate"], 0.0), prop,
                                        drive)
@@ -777,47 +802,32 @@ class NoetherTracker:
             new_dyn.update(nld=Qn, nld_rate=dQn, on=torch.ones_like(Qn))
             nld = Qn
             # §2.4: Q*² = coefficient · EMA of the scale-free drive, averaged over one relaxation time
-            X = torch.where(mean("eq_numel") > 0.5, info.numel * info.numel, q0 * lay.to_groups(terms.eq_drive))
-            alpha = 1.0 - (1.0 - 1.0 / mean("relax").clamp_min(1.0)) ** self._span
+            X = torch.where(cg["eq_numel"] > 0.5, info.numel * info.numel, q0 * eq_drive_g)
+            alpha = 1.0 - (1.0 - 1.0 / cg["relax"].clamp_min(1.0)) ** self._span
             ema_x = (1.0 - alpha) * dyn["ema_x"] + alpha * X
             ema_w = (1.0 - alpha) * dyn["ema_w"] + alpha
             new_dyn.update(ema_x=ema_x, ema_w=ema_w)
-            qstar = torch.where(info.scale, (mean("eq_coef") * ema_x / ema_w).sqrt(), nan)
-            if terms.quad is not None and terms.UU is not None:
-                radial = torch.where(adaptive & info.scale, lay.to_groups(terms.quad.force)
-                                     / (q0 * lay.to_groups(terms.UU)).clamp_min(0).sqrt(), nan)
-            if terms.metric is not None:
-                metric_charge = torch.where(info.linear, nan, lay.to_groups(terms.metric[0]))
-                metric_pred = torch.where(info.linear, nan, lay.to_groups(terms.metric[1]))
+            qstar = torch.where(info.scale, (cg["eq_coef"] * ema_x / ema_w).sqrt(), nan)
+            angle_star, relax, rms = cg["eq_angle"], cg["relax"], cg["rms_decay"]
+            rms_acc = torch.where(torch.isfinite(rms), q1 * q1, nan)  # §2.3: |w|⁴ = Q²
+            if UU is not None:
+                radial = torch.where(adaptive & info.scale, quad_force / (q0 * UU).clamp_min(0).sqrt(), nan)
+            if metric is not None:
+                metric_charge = torch.where(info.linear, nan, metric[0])
+                metric_pred = torch.where(info.linear, nan, metric[1])
         # A non-finite step (NaN/inf gradient) is marked invalid and kept out of the accumulators,
         # without a host sync: the decision is a device-side mask.
         ok = torch.isfinite(obs).all() & (torch.isfinite(e).all() | (terms is None))
-        g_e, g_b = lay.per_group(e.abs(), "amax"), lay.per_group(b.abs(), "amax")
+        g_e, g_b = lay.per_group(torch.stack([e.abs(), b.abs()]), "amax").unbind()
+        sums = lay.per_group(torch.stack([q1, pred, tol, obs, sym, brk, nld, qstar, metric_charge, metric_pred]))
+        means = self._finite_mean(torch.stack([eff, angle, radial, angle_star, relax, rms, rms_acc]))
         new = acc.clone()
         new[_WIN_E] = torch.fmax(acc[_WIN_E], g_e)
         new[_WIN_B] = torch.fmax(acc[_WIN_B], g_b)
         new[_RUN_E] = torch.fmax(acc[_RUN_E], g_e)
-        new[_CHARGE] = lay.per_group(q1)
-        new[_PRED] = lay.per_group(pred)
-        new[_EFF] = self._finite_mean(eff)
-        new[_ANGLE] = self._finite_mean(angle)
-        new[_TOL] = lay.per_group(tol)
-        new[_SUM_OBS] = acc[_SUM_OBS] + lay.per_group(obs)
-        new[_SUM_SYM] = acc[_SUM_SYM] + lay.per_group(sym)
-        new[_SUM_BRK] = acc[_SUM_BRK] + lay.per_group(brk)
-        new[_NLD] = lay.per_group(nld)
-        new[_QSTAR] = lay.per_group(qstar)
-        if terms is not None:
-            new[_ANGLE_STAR] = lay.per_group(lay.to_groups(terms.coef["eq_angle"], unsigned=True) / info.count, "mean")
-            new[_RELAX] = lay.per_group(lay.to_groups(terms.coef["relax"], unsigned=True) / info.count, "mean")
-            rms = torch.where(info.scale, lay.to_groups(terms.coef["rms_decay"], unsigned=True) / info.count, nan)
-            new[_RMS_DECAY] = lay.per_group(rms, "mean")
-            new[_RMS_ACC] = lay.per_group(torch.where(torch.isfinite(rms), q1 * q1, nan), "mean")
-        else:
-            new[_ANGLE_STAR] = new[_RELAX] = new[_RMS_DECAY] = new[_RMS_ACC] = lay.per_group(nan)
-        new[_RADIAL] = self._finite_mean(radial)
-        new[_METRIC] = lay.per_group(metric_charge)
-        new[_METRIC_PRED] = lay.per_group(metric_pred)
+        new[[_CHARGE, _PRED, _TOL, _NLD, _QSTAR, _METRIC, _METRIC_PRED]] = sums[[0, 1, 2, 6, 7, 8, 9]]
+        new[[_SUM_OBS, _SUM_SYM, _SUM_BRK]] = acc[[_SUM_OBS, _SUM_SYM, _SUM_BRK]] + sums[3:6]
+        new[[_EFF, _ANGLE, _RADIAL, _ANGLE_STAR, _RELAX, _RMS_DECAY, _RMS_ACC]] = means
         new[_BAD] = acc[_BAD]
         bad = acc.clone()
         bad[_BAD] += 1.0
