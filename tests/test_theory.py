@@ -626,3 +626,32 @@ def test_oscillator_law_error_is_order_lr():
     for lr, e in zip((0.04, 0.02, 0.01), errs):
         assert e <= 0.5 * lr, errs
     assert errs[0] > errs[1] > errs[2], errs
+
+
+def test_continuous_law_follows_a_schedule():
+    """Time-varying η (warmup + cosine, read at every step): with λ = 0 the first-order law is the
+    discrete identity itself, so the streamed law equals the measured charge; with λ > 0 it equals an
+    independent integration of Q' = −2η_kλQ + η_k²|g_k|² step by step."""
+    for wd in (0.0, 0.05):
+        torch.manual_seed(0)
+        x, y = synthetic_classification(n=128, dtype=torch.float64)
+        model = MLPBN(eps=EPS0).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=wd)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: min(1.0, (k + 1) / 10) * 0.5 * (1 + math.cos(math.pi * k / 60)))
+        tracker = NoetherTracker(model, opt, _groups()[:1], log_every_n_steps=10**9)
+        W, b = model.fc1.weight, model.fc1.bias
+        Q = ((W.detach() ** 2).sum(1) + b.detach() ** 2).clone()
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            lr = opt.param_groups[0]["lr"]
+            G = (W.grad**2).sum(1) + b.grad**2
+            a = 2 * lr * wd
+            Q = Q * math.exp(-a) + (lr * lr * G) * ((1 - math.exp(-a)) / a if a else 1.0)
+            opt.step()
+            sched.step()
+            rec = tracker.last
+            torch.testing.assert_close(rec.nld, Q, rtol=1e-12, atol=0)
+            if wd == 0.0:
+                torch.testing.assert_close(rec.nld, rec.charge, rtol=1e-12, atol=0)
