@@ -508,6 +508,7 @@ class _IR:
         self.nodes: dict[Any, _Node] = {}
         self.params: dict[str, _Node] = {}
         self.notes: list[str] = []
+        self.frozen = False  # some parameter is frozen: a missing norm bias may be a frozen one
         fn0 = root.grad_fn
         stack = [fn0]
         self._node(fn0, names)
@@ -820,6 +821,7 @@ class _Run:
         self.strict = False  # a probe: any break aborts
         self.data_mode = False  # neuron ids placed by the data (embedding rows): break and merge all together
         self.touched = torch.zeros(n, dtype=torch.bool)
+        self.track = False  # record which neurons reach an op (for the notes on partial symmetries)
 
     # -- outcome bookkeeping
     def breaks(self, ids: Tensor | None, why: str = "") -> None:
@@ -997,18 +999,17 @@ def _solve_ids(run: _Run, chain: Sequence[_Node], shape: Sequence[int], target: 
     return None
 
 
-# Where a producer's output neurons are, and which of its parameters carries them.
-def _producer(node: _Node) -> tuple[int, int, tuple[int, ...]] | None:
-    """(slot of the parameter to recruit, output axis, that parameter's axis layout) of a layer."""
+def _producer(node: _Node) -> tuple[int, int] | None:
+    """(input slot of the weight, output axis of the neurons) of a layer that can be recruited."""
     out = node.out()
     if out is None:
         return None
     if node.op == "AddmmBackward0":
-        return 2, len(out) - 1, (0, 1)  # mat2 = Wᵀ: output features along its axis 1
+        return 2, len(out) - 1  # mat2 = Wᵀ: output features along its axis 1
     if node.op == "MmBackward0":
-        return 1, len(out) - 1, (0, 1)
+        return 1, len(out) - 1
     if node.op == "ConvolutionBackward0" and not node.attr("transposed", False):
-        return 1, 1, (1, 0)  # weight: output channels along axis 0
+        return 1, 1  # weight: output channels along axis 0
     return None
 
 
@@ -1031,7 +1032,7 @@ def _solve_producer(run: _Run, edge: tuple[_Node | None, int], target: Tensor, k
     found = _producer(node)
     if found is None:
         return None
-    slot, axis, _ = found
+    slot, axis = found
     out = node.out()
     n = out[axis]
     lab = torch.arange(n).reshape([n if d == axis else 1 for d in range(len(out))])
@@ -1255,11 +1256,14 @@ _HOMOGENEOUS = {"ReluBackward0": "ReLU", "ReluBackward1": "ReLU", "LeakyReluBack
                 "LeakyReluBackward1": "LeakyReLU", "AbsBackward0": "abs"}
 
 
-@_op(*_HOMOGENEOUS)
+@_op(*_HOMOGENEOUS, "ClampMinBackward0", "ClampBackward1")
 def _r_homogeneous(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     p = ins[0]
+    if node.op.startswith("Clamp") and not (node.attr("min") == 0 and node.attr("max") is None):
+        run.breaks_p(p)  # only clamp(min=0) is a ReLU
+        return [None]
     if isinstance(p, _Scale):
-        run.passes(_HOMOGENEOUS[node.op])
+        run.passes(_HOMOGENEOUS.get(node.op, "ReLU"))
         run.positive = True
         return [p]
     run.breaks_p(p)
@@ -1564,8 +1568,13 @@ def _normalize(run: _Run, p: Any, dims: Sequence[int], label: str) -> None:
 
 
 def _affine(run: _Run, node: _Node, pw: Any, pb: Any, to_out: Callable[[Tensor], Tensor], nd: int,
-            out: Sequence[int], slots: tuple[int, int] = (1, 2)) -> Any:
-    """γ ⊙ x̂ + β of a normalization, for perturbations of γ and β (x̂ unchanged)."""
+            out: Sequence[int], has_bias: bool | None = None) -> Any:
+    """γ ⊙ x̂ + β of a normalization, for perturbations of γ and β (x̂ unchanged).
+
+    ``has_bias`` None: unknown (BatchNorm and GroupNorm do not save it); a bias without gradient is
+    then taken to be absent unless the model has frozen parameters.
+    """
+    slots = (1, 2)
     if pw is None and pb is None:
         return None
     w_edge = node.inputs[slots[0]] if slots[0] < len(node.inputs) else (None, 0)
@@ -1575,8 +1584,11 @@ def _affine(run: _Run, node: _Node, pw: Any, pb: Any, to_out: Callable[[Tensor],
             if pw.k == pb.k and _same_ids(pw.ids, pb.ids):
                 return _Scale(pw.k, to_out(pw.ids))
         elif pb is None and isinstance(pw, _Scale):
-            if b_edge[0] is None:
+            if b_edge[0] is None and (has_bias is False or (has_bias is None and not run.ir.frozen)):
                 return _Scale(pw.k, to_out(pw.ids))
+            if b_edge[0] is None:
+                _break_all(run, pw)
+                return None
             run.recruit(b_edge, pw.ids, pw.k, behind=False)
         elif pw is None and isinstance(pb, _Scale) and w_edge[0] is not None:
             run.recruit(w_edge, pb.ids, pb.k, behind=False)
@@ -1599,7 +1611,11 @@ def _r_batchnorm(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     x, w, b = (list(ins) + [None] * 3)[:3]
     out = node.out()
     nd = len(out)
-    if not node.attr("training", False):  # running statistics: an affine map, nothing is removed
+    training = node.attr("training")
+    if training is None:  # cuDNN/MIOpen do not save the flag: batch statistics are saved only in training
+        r = node.attr("result1")
+        training = isinstance(r, Tensor) and r.numel() > 0
+    if not training:  # running statistics: an affine map, nothing is removed
         run.eval_bn.add("BatchNorm")
         _break_all(run, x, w, b)
         return [None] + _rest(node)
@@ -1617,7 +1633,7 @@ def _r_layernorm(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     if x is not None and any(node.consumers.get(i) for i in (1, 2)):
         run.breaks_p(x)
     _normalize(run, x, range(nd - m, nd), "LayerNorm")
-    return [_affine(run, node, w, b, lambda t: _lead(t, nd), nd, out)] + _rest(node)
+    return [_affine(run, node, w, b, lambda t: _lead(t, nd), nd, out, node.attr("bias") is not None)] + _rest(node)
 
 
 @_op("NativeGroupNormBackward0")
@@ -1910,6 +1926,25 @@ def _r_sdpa(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     return [res] + _rest(node)
 
 
+# Ops known to break every candidate (not positively homogeneous, not linear, or a loss that is not
+# a function of softmax(logits)): listed so that they are not reported as ops without a rule.
+_BREAKING = (
+    "GeluBackward0", "SiluBackward0", "TanhBackward0", "SigmoidBackward0", "EluBackward0", "SeluBackward0",
+    "CeluBackward0", "SoftplusBackward0", "HardtanhBackward0", "HardswishBackward0", "HardsigmoidBackward0",
+    "MishBackward0", "LogSigmoidBackward0", "ExpBackward0", "LogBackward0", "ErfBackward0", "SinBackward0",
+    "CosBackward0", "LogsumexpBackward0", "NllLossBackward0", "NllLoss2DBackward0", "MseLossBackward0",
+    "L1LossBackward0", "SmoothL1LossBackward0", "HuberLossBackward0", "BinaryCrossEntropyBackward0",
+    "BinaryCrossEntropyWithLogitsBackward0", "KlDivBackward0", "SoftMarginLossBackward0", "WhereBackward0",
+    "MaskedFillBackward0", "ClampMaxBackward0", "PreluKernelBackward0", "ThresholdBackward0",
+)
+
+
+@_op(*_BREAKING)
+def _r_break(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
+    _break_all(run, *ins)
+    return [None] * max(1, len(node.outs))
+
+
 def _r_module(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     """A hooked module call with a registered rule."""
     p, rule = ins[0] if ins else None, node.rule
@@ -1956,7 +1991,7 @@ def _flow(run: _Run) -> None:
         ins = [run.canon(vals.get((src, nr))) if src is not None else None for src, nr in node.inputs]
         if not any(p is not None for p in ins):
             continue
-        for p in ins:
+        for p in ins if run.track else ():
             if p is not None:
                 who = _owners(p)
                 if who is None:
@@ -1979,11 +2014,12 @@ def _flow(run: _Run) -> None:
             push_consumers(node, i)
 
 
-def _candidate(ir: _IR, seeds: dict[str, Any], n: int, kind: str) -> tuple[_Run, bool]:
+def _candidate(ir: _IR, seeds: dict[str, Any], n: int, kind: str, track: bool = False) -> tuple[_Run, bool]:
     """Run a candidate, restarting with each parameter it recruits; (run, whether any neuron survived)."""
     seeds, parent = dict(seeds), None
     for _ in range(10):
         run = _Run(ir, seeds, n, kind, parent)
+        run.track = track
         try:
             _flow(run)
             return run, True
@@ -2181,6 +2217,7 @@ def _propose(model: nn.Module, root: Tensor, hooked: Sequence[_Hooked] = ()) -> 
         )
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     ir = _IR(root, names, hooked)
+    ir.frozen = any(not p.requires_grad for p in model.parameters())
     order = [n for n in names.values() if n in ir.params]
     shapes = {n: ir.params[n].out() or () for n in order}
     notes: dict[str, None] = dict.fromkeys(ir.notes)
@@ -2203,6 +2240,8 @@ def _propose(model: nn.Module, root: Tensor, hooked: Sequence[_Hooked] = ()) -> 
                 eval_bn |= bool(run.eval_bn)
                 if not alive:
                     continue
+                if bool(run.broken.any()):  # part of it holds: find which neurons were really tested
+                    run, alive = _candidate(ir, run.seeds, n, kind, track=True)
                 f, note = _build(run, name, "translation" if kind == "shift" else "scale", shapes)
                 if note:  # one note per candidate: its other parameters need not be tried again
                     notes[note] = None

@@ -468,6 +468,73 @@ def test_batchnorm_eps_is_allowed_for_and_a_shrunk_layer_is_refuted():
     assert "REFUTED" in report.table()
 
 
+class Written(nn.Module):
+    """Normalizations and activations written out as tensor ops."""
+
+    def __init__(self, kind: str, eps: float = 1e-30):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.layer, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.layer(x)
+        if self.kind == "rms":
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        elif self.kind == "layernorm":
+            h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, keepdim=True, unbiased=False) + self.eps)
+        elif self.kind == "soft":  # not a normalization: the constant is not small
+            h = h / (h.norm(dim=-1, keepdim=True) + 1.0)
+        elif self.kind == "clamp0":
+            h = h.clamp_min(0)
+        elif self.kind == "clamp1":
+            h = h.clamp_min(0.1)
+        return self.head(F.relu(h) if self.kind in ("rms", "layernorm", "soft") else h)
+
+
+@pytest.mark.parametrize("kind, key, symmetric", [
+    ("rms", "scale/layer", True), ("layernorm", "scale/layer", True), ("layernorm", "translation/layer", True),
+    ("rms", "translation/layer", False), ("clamp0", "rescale/layer", True), ("clamp1", "rescale/layer", False),
+])
+def test_ops_written_out(kind, key, symmetric):
+    torch.manual_seed(0)
+    model = model64(Written(kind))
+    loss_of = ce_loss(vectors(6), 3)
+    report = detect(model, loss_of)
+    assert (key in {g.key for g in report}) == symmetric
+    if symmetric:
+        assert_invariant(model, group(report, key), loss_of)
+
+
+def test_a_large_constant_in_a_denominator_is_caught_by_the_gradients():
+    """x / (|x| + 1) is read as a normalization with ε = 1 by the graph rules (the constant is not
+    visible in the graph); confirmation measures the violation and refutes it."""
+    torch.manual_seed(0)
+    model = model64(Written("soft"))
+    loss_of = ce_loss(vectors(6), 3)
+    gen = torch.Generator().manual_seed(0)
+    x = loss_of.x_of(gen)
+    assert "scale/layer" in {g.key for g in symmetries_from_graph(model, model(x).sum())}
+    report = detect(model, loss_of)
+    assert "scale/layer" not in {g.key for g in report}
+    assert next(g for g in report.refuted if g.key == "scale/layer").violation > 1e-2
+    assert_broken(model, by_members(model, "scale", Member("layer.weight", None), Member("layer.bias", None)),
+                  loss_of)
+
+
+def test_frozen_batchnorm_bias_is_not_assumed_absent():
+    torch.manual_seed(0)
+    model = model64(Stack(nn.Linear(6, 8), nn.Identity(), nn.BatchNorm1d(8, eps=1e-30), nn.Linear(8, 3)))
+    model.norm.bias.requires_grad_(False)
+    with torch.no_grad():
+        model.norm.bias.normal_()
+    loss_of = ce_loss(vectors(6), 3)
+    report = detect(model, loss_of)
+    assert "rescale/norm" not in {g.key for g in report} | {g.key for g in report.refuted}
+    assert_broken(model, by_members(model, "rescale", Member("norm.weight", 0), Member("head.weight", 1, sign=-1)),
+                  loss_of)
+    assert_invariant(model, group(report, "scale/layer"), loss_of)
+
+
 # --------------------------------------------------------------------------------------------
 # physics.md §1.2: translations
 # --------------------------------------------------------------------------------------------
