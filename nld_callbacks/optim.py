@@ -8,16 +8,15 @@ one warning names it.
 Support matrix (one *rule* per optimizer class, found along the class's MRO; a subclass that
 overrides ``step`` is never assumed to follow its parent's rule):
 
-============================  ========  =====================================================
-class                         rule      families (which identity of physics.md §2.1 applies)
-============================  ========  =====================================================
-``torch.optim.SGD``           ``sgd``   ``sgd`` (β = 0), ``heavy_ball``, ``nesterov``; coupled λ,
-                                        dampening, ``maximize``, foreach and fused alike
-:class:`SGDW`                 ``sgdw``  ``sgd`` (β = 0, identical to coupled λ), ``sgdw``
-``torch.optim.Adam``/``AdamW``  ``adam``  ``adam``: trivial identity + radial (KSB) share; the
-                                        metric identity Σ G θ² when β1 = 0
-``torch.optim.RMSprop``       ``rmsprop`` ``adam`` family as above; metric identity without momentum
-============================  ========  =====================================================
+* ``torch.optim.SGD`` (rule ``sgd``): families ``sgd`` (β = 0), ``heavy_ball``, ``nesterov``, with
+  coupled λ, dampening, ``maximize``, foreach and fused alike;
+* :class:`SGDW` (rule ``sgdw``): ``sgdw``, and ``sgd`` when β = 0 (then identical to coupled λ);
+* ``torch.optim.Adam`` / ``AdamW`` (rule ``adam``, family ``adam``): the trivial identity split into
+  its tangential part and the radial (kinetic-symmetry-breaking) share; the metric identity
+  Σ G θ² when β1 = 0; coupled or decoupled λ, AMSGrad, ``maximize``, foreach and fused;
+* ``torch.optim.RMSprop`` (rule ``rmsprop``, family ``adam``): as Adam; the metric identity without
+  momentum, centered or not;
+* anything else (LBFGS, custom rules, LARS/LAMB-style subclasses): measured only.
 
 **Decoupled weight decay for SGD.** ``torch.optim.SGD`` has no decoupled mode, and an extra
 param-group key would be silently ignored by its step. So decoupled SGD is declared by the
@@ -167,11 +166,6 @@ class Hyper:
         if self.rule == "sgdw":
             return "sgdw"
         return "nesterov" if self.nesterov else "heavy_ball"
-
-    @property
-    def decay(self) -> float:
-        """λ of a decoupled decay θ ← (1 − ηλ)θ inside the update rule, else 0."""
-        return self.wd if (self.decoupled or self.family in ("sgd", "sgdw")) else 0.0
 
     @property
     def metric(self) -> bool:
