@@ -822,6 +822,7 @@ class _Run:
         self.data_mode = False  # neuron ids placed by the data (embedding rows): break and merge all together
         self.touched = torch.zeros(n, dtype=torch.bool)
         self.track = False  # record which neurons reach an op (for the notes on partial symmetries)
+        self.current = ""  # the op being read
 
     # -- outcome bookkeeping
     def breaks(self, ids: Tensor | None, why: str = "") -> None:
@@ -1988,6 +1989,7 @@ def _flow(run: _Run) -> None:
         push_consumers(node, 0)
     while heap:
         _, _, node = heapq.heappop(heap)
+        run.current = node.op
         ins = [run.canon(vals.get((src, nr))) if src is not None else None for src, nr in node.inputs]
         if not any(p is not None for p in ins):
             continue
@@ -2029,6 +2031,9 @@ def _candidate(ir: _IR, seeds: dict[str, Any], n: int, kind: str, track: bool = 
             for name, p in r.adds:
                 seeds[name] = p
             parent = run.parent
+        except Exception as err:  # noqa: BLE001 - an op the rules misread: propose nothing, say so
+            run.unknown.add(f"{run.current} ({type(err).__name__}: {err})")
+            return run, False
     return run, False
 
 

@@ -835,6 +835,17 @@ def test_detection_changes_nothing():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_a_rule_that_fails_proposes_nothing_and_says_so(monkeypatch):
+    def broken(run, node, ins):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(sym._OPS, "ReluBackward0", broken)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    report = find_symmetries(model, torch.randn(8, 4))
+    assert "scale/0" in {g.key for g in report} and "rescale/1" not in {g.key for g in report}
+    assert any("ReluBackward0 (RuntimeError: boom)" in n for n in report.notes)
+
+
 def test_bad_inputs_name_what_was_expected():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     with pytest.raises(ValueError, match=r"expects inputs of shape \(N, 4\)"):
