@@ -1186,7 +1186,7 @@ def _r_slice(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
                             lambda pr: tuple(_fresh() if (j == d and x is not None) else x for j, x in enumerate(pr))))]
 
 
-@_op("SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0")
+@_op("SplitBackward0", "UnsafeSplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0")
 def _r_split(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     a = node.in_shape(0) or node.attr("self_sym_sizes")
     d = _norm_dim(node.attr("dim"), len(a))
@@ -1500,13 +1500,15 @@ def _r_reduce(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     return [_Shift(_fresh(), q.ids, q.prov, q.mix)] + rest
 
 
+# Spatial ops that act per channel: pooling, and nearest upsampling (copies entries, like a max).
 _POOL = {"MaxPool1DWithIndicesBackward0": ("max", 1), "MaxPool2DWithIndicesBackward0": ("max", 2),
          "MaxPool3DWithIndicesBackward0": ("max", 3), "AvgPool1DBackward0": ("avg", 1),
          "AvgPool2DBackward0": ("avg", 2),
          "AvgPool3DBackward0": ("avg", 3), "AdaptiveAvgPool1DBackward0": ("adaptive", 1),
          "AdaptiveAvgPool2DBackward0": ("adaptive", 2), "AdaptiveAvgPool3DBackward0": ("adaptive", 3),
          "AdaptiveMaxPool1DBackward0": ("max", 1), "AdaptiveMaxPool2DBackward0": ("max", 2),
-         "AdaptiveMaxPool3DBackward0": ("max", 3)}
+         "AdaptiveMaxPool3DBackward0": ("max", 3), "UpsampleNearest1DBackward0": ("max", 1),
+         "UpsampleNearest2DBackward0": ("max", 2), "UpsampleNearest3DBackward0": ("max", 3)}
 
 
 @_op(*_POOL)
@@ -1516,13 +1518,14 @@ def _r_pool(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     nd = _nd(p)
     sp = list(range(nd - k, nd))
     rest = [None] * (max(1, len(node.outs)) - 1)
-    label = {"max": "max pool", "avg": "average pool", "adaptive": "average pool"}[how]
+    label = "upsampling" if node.op.startswith("Upsample") else {"max": "max pool", "avg": "average pool",
+                                                                 "adaptive": "average pool"}[how]
     if isinstance(p, _Scale):
         if _varies(p.ids, sp):
             run.breaks_p(p)
             return [None] + rest
         run.passes(label)
-        run.positive |= how == "max"
+        run.positive |= how == "max" and not node.op.startswith("Upsample")
         return [p] + rest
     flat = not _varies(p.ids, sp) and all(p.prov[d] is None for d in sp)
     if how == "max":

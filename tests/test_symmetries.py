@@ -326,7 +326,8 @@ def test_scale_passes_only_positively_homogeneous_ops(middle, passes):
     (assert_invariant if translated else assert_broken)(model, shift, loss_of)
 
 
-@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(3)], ids=str)
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(3),
+                                  nn.Upsample(scale_factor=2)], ids=str)
 def test_conv_scale_passes_pooling(pool):
     torch.manual_seed(0)
     model = model64(Stack(nn.Conv2d(3, 6, 3, padding=1), pool, nn.BatchNorm2d(6, eps=1e-30), nn.Linear(6, 3),
