@@ -2501,6 +2501,7 @@ def find_symmetries(
     exclude: Iterable[str] | None = None,
     declare: Iterable[SymmetryGroup] = (),
     probes: int = 2,
+    extra_inputs: Sequence[Any] = (),
 ) -> SymmetryReport:
     """Find the symmetry groups of ``model`` on ``example_input`` and confirm them from gradients.
 
@@ -2520,6 +2521,9 @@ def find_symmetries(
         exclude: glob patterns over ``kind/layer`` keys to drop.
         declare: groups declared by hand; confirmed like the found ones.
         probes: backward passes used for confirmation without ``loss_fn`` (with it: one).
+        extra_inputs: more batches (same form as ``example_input``) whose gradients confirm the
+            groups too, one forward and backward each; ``loss_fn`` must accept their outputs (any
+            targets do: a symmetry holds for every target).
 
     Returns:
         The :class:`SymmetryReport`.
@@ -2587,6 +2591,11 @@ def find_symmetries(
             for i in range(n_probe):
                 r = root if i == 0 else _projection(outs, i)
                 gs = torch.autograd.grad(r, tensors, retain_graph=i < n_probe - 1, allow_unused=True)
+                grads_list.append(dict(zip(names, gs)))
+            for j, extra in enumerate(extra_inputs):
+                out_j = _call(model, extra)
+                r = loss_fn(out_j) if loss_fn is not None else _projection(_output_tensors(out_j), 100 + j)
+                gs = torch.autograd.grad(r, tensors, allow_unused=True)
                 grads_list.append(dict(zip(names, gs)))
             _confirm(report, named, grads_list, eps)
     report = report.select(include, exclude)

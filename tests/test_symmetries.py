@@ -760,6 +760,19 @@ def test_confirmed_refuted_unconfirmed():
     assert [g.confirmed for g in unchecked] == [None] * len(unchecked) and unchecked.refuted == []
 
 
+def test_more_batches_confirm_units_one_batch_leaves_dead():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[0].weight[2] = torch.ones(5, dtype=torch.float64)
+        model[0].bias[2] = -3.0  # fires only for large inputs
+    small = 0.01 * torch.randn(16, 5, dtype=torch.float64)
+    large = 10 * torch.randn(16, 5, dtype=torch.float64)
+    assert 2 in group(find_symmetries(model, small), "rescale/0").degenerate
+    g = group(find_symmetries(model, small, extra_inputs=[large]), "rescale/0")
+    assert g.confirmed and 2 not in g.degenerate
+
+
 @pytest.mark.parametrize("dtype, floor", [(torch.float64, 1e-8), (torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_tolerance_per_dtype(dtype, floor):
     assert sym._tolerance(dtype) == floor
