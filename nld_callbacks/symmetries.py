@@ -68,6 +68,7 @@ __all__ = [
     "SymmetryGroup",
     "SymmetryReport",
     "find_symmetries",
+    "module_calls",
     "register",
     "rule_for",
     "support_table",
@@ -2288,7 +2289,45 @@ def _propose(model: nn.Module, root: Tensor, hooked: Sequence[_Hooked] = ()) -> 
     return _with_coverage(model, report), {f.group.key: f.eps for f in groups}
 
 
-def symmetries_from_graph(model: nn.Module, root: torch.Tensor) -> SymmetryReport:
+class module_calls:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Record the calls of modules whose support-table rule reads their forward as one op.
+
+    Only classes added with :func:`register` (other than :class:`SeeThrough`) are recorded; pass
+    the recording to :func:`symmetries_from_graph` so that their rules apply there too.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> with module_calls(model) as calls:
+        ...     out = model(torch.randn(5, 4))
+        >>> [g.key for g in symmetries_from_graph(model, out.sum(), calls=calls)]
+        ['rescale/0']
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.calls: list[_Hooked] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> list[_Hooked]:
+        def record(name: str, rule: Rule) -> Callable:
+            def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+                if args and isinstance(args[0], Tensor) and isinstance(output, Tensor) and output.grad_fn is not None:
+                    self.calls.append(_Hooked(f"{type(mod).__name__} {name}".strip(), rule, args[0], output))
+
+            return hook
+
+        self._handles = [m.register_forward_hook(record(n, rule_for(m))) for n, m in self.model.named_modules()
+                         if rule_for(m).opaque_forward]
+        return self.calls
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def symmetries_from_graph(model: nn.Module, root: torch.Tensor, *,
+                          calls: Sequence[Any] = ()) -> SymmetryReport:
     """Propose symmetry groups from the autograd graph that produced ``root``.
 
     ``root`` is any tensor computed from the model's parameters with gradients enabled: the
@@ -2299,6 +2338,8 @@ def symmetries_from_graph(model: nn.Module, root: torch.Tensor) -> SymmetryRepor
     Args:
         model: the module whose parameters are named in the report.
         root: a tensor whose ``grad_fn`` graph reaches the parameters.
+        calls: module calls recorded with :class:`module_calls` during the forward pass, so that
+            registered rules of custom module types apply (without it they are read op by op).
 
     Returns:
         A :class:`SymmetryReport` with unconfirmed groups.
@@ -2316,7 +2357,7 @@ def symmetries_from_graph(model: nn.Module, root: torch.Tensor) -> SymmetryRepor
         translation/2 9 input feature + bias
         rescale/1 8 unit
     """
-    return _propose(model, root)[0]
+    return _propose(model, root, calls)[0]
 
 
 def _with_coverage(model: nn.Module, report: SymmetryReport) -> SymmetryReport:
@@ -2545,25 +2586,12 @@ def find_symmetries(
     if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
         raise ValueError(f"Expected `probes` to be a positive int but got {probes!r}")
     declared = _check_declared(model, declare)
-    hooked: list[_Hooked] = []
-
-    def record(name: str, rule: Rule) -> Callable:
-        def hook(mod: nn.Module, args: tuple, output: Any) -> None:
-            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor) and output.grad_fn is not None:
-                hooked.append(_Hooked(f"{type(mod).__name__} {name}".strip(), rule, args[0], output))
-
-        return hook
-
-    handles = [m.register_forward_hook(record(n, rule_for(m))) for n, m in model.named_modules()
-               if rule_for(m).opaque_forward]
     with _Preserved(model), torch.enable_grad():
         try:
-            out = _call(model, example_input)
+            with module_calls(model) as hooked:
+                out = _call(model, example_input)
         except Exception as err:  # a clear message naming what the model expected
             raise ValueError(_input_mismatch(model, example_input, err)) from err
-        finally:
-            for h in handles:
-                h.remove()
         outs = _output_tensors(out)
         if loss_fn is not None:
             root = loss_fn(out)

@@ -926,6 +926,10 @@ def test_register_a_custom_normalization():
         after = detect(model, loss_of)
         for key in ("scale/0", "translation/0"):
             assert_invariant(model, group(after, key), loss_of)
+        with sym.module_calls(model) as calls:  # the graph route (Lightning) sees registered rules too
+            out = model(loss_of.x_of(torch.Generator().manual_seed(0)))
+        assert "scale/0" in {g.key for g in symmetries_from_graph(model, out.sum(), calls=calls)}
+        assert "scale/0" not in {g.key for g in symmetries_from_graph(model, out.sum())}
         register(FusedNorm, Opaque(), overwrite=True)
         assert "scale/0" not in {g.key for g in detect(model, loss_of)}
     finally:
