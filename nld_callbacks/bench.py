@@ -393,7 +393,8 @@ def count_ops(fn: Callable[[], Any]) -> Counter[str]:
     """Number of aten operations ``fn`` dispatches, by name (a fused ``_foreach_*`` counts once).
 
     Example:
-        >>> c = count_ops(lambda: torch._foreach_norm([torch.ones(3), torch.ones(4)]))
+        >>> xs = [torch.ones(3), torch.ones(4)]
+        >>> c = count_ops(lambda: torch._foreach_norm(xs))
         >>> sum(c.values()), sorted(c)
         (1, ['_foreach_norm'])
     """
