@@ -11,7 +11,12 @@ from torch.utils.tensorboard import SummaryWriter
 from nld_callbacks import NoetherTracker
 from nld_callbacks.cli import main as cli_main
 from nld_callbacks.report import load_runs, main, write_report
+from nld_callbacks.symmetries import Member, SymmetryGroup
 from nld_callbacks.testing import MLPBN, synthetic_classification
+
+
+def _scale_fc1():
+    return SymmetryGroup("scale", "fc1", (Member("fc1.weight"), Member("fc1.bias")), 32, "output channel", "BN")
 
 
 def _plain_run(logdir, *, steps=12, every=4, lr=0.2, wd=0.01):
@@ -20,7 +25,7 @@ def _plain_run(logdir, *, steps=12, every=4, lr=0.2, wd=0.01):
     x, y = synthetic_classification(64, dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=wd)
     writer = SummaryWriter(str(logdir))
-    with NoetherTracker(model, opt, example_input=x, writer=writer, log_every_n_steps=every):
+    with NoetherTracker(model, opt, [_scale_fc1()], writer=writer, log_every_n_steps=every):
         for _ in range(steps):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
@@ -61,7 +66,7 @@ def test_report_reads_the_same_series_the_tracker_wrote(tmp_path):
     x, y = synthetic_classification(32)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     writer = SummaryWriter(str(tmp_path))
-    with NoetherTracker(model, opt, example_input=x, writer=writer, log_every_n_steps=2) as tracker:
+    with NoetherTracker(model, opt, [_scale_fc1()], writer=writer, log_every_n_steps=2) as tracker:
         for _ in range(6):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
@@ -88,11 +93,15 @@ def test_report_of_a_lightning_run_through_the_cli(tmp_path, capsys):
                       limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(Classifier(lr=0.1, weight_decay=5e-4), DigitsDataModule(batch_size=32))
     assert cli_main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
-        "scale_net.0.png", "scale_net.3.png", "scale_net.7.png"]
+    pngs = {p.name for p in (tmp_path / "out").glob("*.png")}
+    assert {"scale_net.0.png", "scale_net.3.png", "scale_net.7.png"} <= pngs
     table = (tmp_path / "out" / "summary.md").read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith("| scale ") or ln.startswith("| translation ")
+            or ln.startswith("| rescale ")]
+    assert len(rows) == len(pngs)  # one row and one PNG per layer
     for layer in ("net.0", "net.3", "net.7"):
-        assert _row(table, layer)[2] == "2"  # logged at steps 5 and 10
+        (row,) = [r for r in rows if r.startswith(f"| scale | [{layer}]")]
+        assert row.split("|")[3].strip() == "2"  # logged at steps 5 and 10
 
 
 def test_several_runs_get_their_own_folders(tmp_path):

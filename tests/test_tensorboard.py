@@ -237,20 +237,22 @@ def test_lightning_monitor_writes_the_dashboard_once(tmp_path):
     seed_everything(0, verbose=False)
     tb = TensorBoardLogger(tmp_path, name="run")
     trainer = Trainer(max_steps=12, logger=[tb, CSVLogger(tmp_path, name="csv")],
-                      callbacks=[NoetherMonitor(verbose=False)],
+                      callbacks=[monitor := NoetherMonitor(verbose=False)],
                       enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
                       log_every_n_steps=4, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(Classifier(lr=0.1, momentum=0.9, weight_decay=5e-4), DigitsDataModule(batch_size=32))
     acc = _read(tb.log_dir)
     layout = _assert_layout_lists_exactly_the_written_tags(acc)
-    assert [c.title for c in layout.category] == ["NLD scale net.0", "NLD scale net.3", "NLD scale net.7"]
+    titles = [c.title for c in layout.category]
+    assert titles[:3] == ["NLD scale net.0", "NLD scale net.3", "NLD scale net.7"]
+    assert len(titles) == len(monitor.trackers[0].groups)  # one category per tracked group
     (text,) = acc.Tensors("nld/symmetries/text_summary")
     assert "parameters covered" in text.tensor_proto.string_val[0].decode()
     for layer in ("net.0", "net.3", "net.7"):
         steps = [h.step for h in acc.Histograms(f"nld/scale/{layer}/neuron_effective_lr")]
         assert steps == [4, 8, 12]
     # hyperparameters through the logger, not add_hparams (which would add a run directory)
-    assert tb.hparams["nld"]["groups"] == 3
+    assert tb.hparams["nld"]["groups"] == len(monitor.report.groups)
     assert tb.hparams["nld"]["optimizers"] == "SGD"
     dirs = {os.path.relpath(d, tb.log_dir) for d, _, files in os.walk(tb.log_dir)
             if any(f.startswith("events.out.tfevents") for f in files)}
