@@ -255,17 +255,28 @@ def test_unsupported_optimizer_is_measured_only():
 
 
 class _LAMB(torch.optim.Adam):
-    """LAMB-style per-layer scaling: Adam's direction rescaled by the trust ratio |w|/|u| per tensor."""
+    """LAMB-style per-layer scaling: Adam's direction rescaled by the trust ratio |w|/|u| per tensor.
+
+    The step is written out (not ``super().step()``, whose own hook wrapper would fire the hooks a
+    second time once ``Adam.step`` has been patched by another instance).
+    """
 
     @torch.no_grad()
     def step(self, closure=None):
-        before = {p: p.detach().clone() for g in self.param_groups for p in g["params"]}
-        super().step(closure)
         for g in self.param_groups:
+            b1, b2 = g["betas"]
             for p in g["params"]:
-                u = p.detach() - before[p]
-                if u.norm() > 0:
-                    p.copy_(before[p] + u * (before[p].norm() / u.norm()) * 1e-2)
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"], st["m"], st["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                st["step"] += 1
+                st["m"].lerp_(p.grad, 1 - b1)
+                st["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                u = (st["m"] / (1 - b1 ** st["step"])) / ((st["v"] / (1 - b2 ** st["step"])).sqrt() + g["eps"])
+                trust = p.norm() / u.norm() if u.norm() > 0 else 1.0
+                p.add_(u, alpha=-g["lr"] * float(trust))
 
 
 def _measured_only(opt_factory, name, *, closure=False, steps=3):
