@@ -25,9 +25,13 @@ candidate transformation forward* through that graph (scale it per output row, s
 * every other op (GELU, tanh, a residual add under a scale, eval-mode BatchNorm, a loss, an op not
   in the table) breaks the candidate.
 
-A candidate is proposed only when no op breaks it, so every proposed group is an exact symmetry
-of the loss up to the normalizations' ε (physics.md §1.4). Gradients then confirm it numerically
-(§3.1, tier 1) in :func:`find_symmetries`. Module names are used only to name the groups.
+Each neuron of the candidate (a row, a column, a channel) is followed on its own; where an op needs
+several neurons to share one factor (a LayerNorm over the layer's outputs, a GroupNorm's group, a
+QK-norm's head), they are merged into one block, which sets the group's granularity. A candidate
+is proposed only when no op breaks it, so every proposed group is an exact symmetry of the loss up
+to the normalizations' ε (physics.md §1.4). Gradients then confirm it numerically (§3.1, tier 1)
+in :func:`find_symmetries`. Module names are used only to name the groups. (torch.fx is not used:
+the autograd graph exists for every model that runs, traceable or not.)
 
 The support matrix is one table keyed on module class (walked along the MRO, see
 :func:`support_table`) plus the small named op rules below it; :func:`register` adds a rule for a
