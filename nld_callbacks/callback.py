@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from .symmetries import SymmetryReport, symmetries_from_graph
+from .symmetries import SymmetryReport, module_calls, symmetries_from_graph
 from .tensorboard import Dashboard
 from .tracker import NoetherTracker, format_summary
 
@@ -95,6 +95,8 @@ class NoetherMonitor(Callback):
         self.summary: list[dict[str, Any]] = []
         self._pending_state: dict[str, Any] | None = None
         self._detect_attempts = 0
+        self._recorder: module_calls | None = None
+        self._calls: list[Any] = []
         self._dashboards: list[Dashboard] | None = None
 
     @property
@@ -139,7 +141,7 @@ class NoetherMonitor(Callback):
         changed = [t for t in self.trackers if t.groups and t.needs_symmetries]
         pending = [t for t in self.trackers if not t.groups]
         if changed:  # parameters were added or unfrozen: read the graph again, keep what was tracked
-            report = symmetries_from_graph(pl_module, loss)
+            report = symmetries_from_graph(pl_module, loss, calls=self._calls)
             for tracker in changed:
                 tracker.set_symmetries(report, quiet=True)
             if self.verbose:
@@ -150,7 +152,7 @@ class NoetherMonitor(Callback):
         # a later loss may reach parameters an earlier one did not, so keep reading until every
         # optimizer has its groups or each had two chances.
         self._detect_attempts += 1
-        report = symmetries_from_graph(pl_module, loss)
+        report = symmetries_from_graph(pl_module, loss, calls=self._calls)
         found = []
         for tracker in pending:
             tracker.set_symmetries(report, quiet=True)
@@ -190,8 +192,22 @@ class NoetherMonitor(Callback):
                     t.dashboards.append(d)
 
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._recorder is None and any(t.needs_symmetries for t in self.trackers):
+            # record calls of custom module types so that their registered rules apply
+            self._recorder = module_calls(pl_module)
+            self._calls = self._recorder.__enter__()
+
+    def _stop_recording(self) -> None:
+        if self._recorder is not None:
+            self._recorder.__exit__(None, None, None)
+        self._recorder, self._calls = None, []
+
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._stop_recording()
         if pl_module.automatic_optimization and len(self.trackers) == 1:
             # Steps a GradScaler skipped (inf/nan) call no optimizer hook but do advance the global
             # step: count them, and keep the tracker's step aligned with the trainer's.
@@ -213,6 +229,7 @@ class NoetherMonitor(Callback):
         self._detach()
 
     def _detach(self) -> None:
+        self._stop_recording()
         for t in self.trackers:
             t.detach()
 

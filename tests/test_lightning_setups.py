@@ -206,3 +206,35 @@ def test_model_without_symmetry_trains_on_with_one_message(tmp_path):
     assert trainer.global_step == 5
     assert sum("no symmetry found" in str(w.message) for w in rec) == 1
     assert monitor.summary == []
+
+
+def test_registered_rule_of_a_custom_module_applies_under_the_monitor(tmp_path):
+    from nld_callbacks.symmetries import Homogeneous, register, unregister
+
+    class Gate(nn.Module):
+        """A custom op the graph reads as opaque unless its registered rule says otherwise."""
+
+        def forward(self, x):
+            return torch.where(x > 0, x, 0.5 * x)  # LeakyReLU written by hand: positively homogeneous
+
+    class GatedNet(Net):
+        def __init__(self):
+            super().__init__()
+            self.net[2] = Gate()
+
+    def fit(rule):
+        if rule:
+            register(Gate, Homogeneous())
+        try:
+            monitor = NoetherMonitor(verbose=False)
+            seed_everything(0, verbose=False)
+            trainer = Trainer(max_steps=3, logger=False, callbacks=[monitor], enable_progress_bar=False,
+                              enable_checkpointing=False, enable_model_summary=False)
+            trainer.fit(GatedNet(), train_dataloaders=_loader(n=96))
+            return {t.key for t in monitor.trackers[0].groups}
+        finally:
+            if rule:
+                unregister(Gate)
+
+    assert "rescale/net.1" in fit(rule=True)
+    assert "rescale/net.1" not in fit(rule=False)
