@@ -22,6 +22,16 @@ D = 2048  # the synthetic walk's dimension; |g̃|² = D − 1
 GT2 = D - 1
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the threads' spinning
+    multiplies the run time; one thread keeps these tests fast everywhere."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _float64_default():
     """physics.md's runs build their models with float64 as the default dtype (same initial weights)."""

@@ -23,6 +23,16 @@ EPS0 = 1e-30  # torch rejects BN ε = 0 in train mode; 1e-30 is zero for O(1) va
 TOL = 1e-13  # physics.md §6: exact identities in float64, |res| ≤ 1e-13·M
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the threads' spinning
+    multiplies the run time; one thread keeps these tests fast everywhere."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _groups():
     """fc1 rows (scale), fc2 units against fc3 columns and BN (γ, β) against fc2 columns (rescale),
     and the softmax translation charge of fc3 (class sums of W's columns and of b)."""
