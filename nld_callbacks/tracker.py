@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -265,6 +266,23 @@ class _TheoryLayout:
                    lay.to_groups(per_red.to(dev), unsigned=True), lin_params)
 
 
+_STEP_WRAPPER = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
+
+
+def _nested_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this hook call comes from a ``step()`` nested in another ``step()`` of the same
+    optimizer (torch wraps every class's ``step`` with the hooks, so ``super().step()`` fires them
+    again). Stateless, so an exception inside a step can never leave the tracker deaf."""
+    frame, calls = sys._getframe(2), 0
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER and frame.f_locals.get("self") is optimizer:
+            calls += 1
+            if calls > 1:
+                return True
+        frame = frame.f_back
+    return False
+
+
 class NoetherTracker:
     """Measure Noether charges at every optimizer step and compare them with the exact identities.
 
@@ -334,6 +352,10 @@ class NoetherTracker:
             )
         self.step = 0
         self.skipped_steps = 0
+        # A subclass whose step() calls super().step() runs the hooks once per class: only the
+        # outermost call is a step.
+        self._may_nest = any("step" in vars(c) for c in type(optimizer).__mro__[1:]
+                             if c is not torch.optim.Optimizer) and "step" in vars(type(optimizer))
         self.logged: list[dict[str, float]] = []
         self.last: StepRecord | None = None
         self.report: SymmetryReport | None = None
@@ -544,6 +566,8 @@ class NoetherTracker:
 
     @torch.no_grad()
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._may_nest and _nested_step(optimizer):
+            return
         if self.layout is None or not self._sampled(self.step + 1):
             return  # an unsampled step (sample_every) reads nothing
         self.layout.prefetch(self._fused_pairs(optimizer, pre=True))
@@ -554,6 +578,8 @@ class NoetherTracker:
 
     @torch.no_grad()
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._may_nest and _nested_step(optimizer):
+            return
         if self.layout is not None and self._pre is None and not self._sampled(self.step + 1):
             self.step += 1  # unsampled: counted; a log step writes the last sampled values
             if self.schedule(self.step):

@@ -145,3 +145,25 @@ def test_example_input_that_does_not_fit_names_what_the_model_expects():
         find_symmetries(model, torch.randn(4, 7))
     # the failed probe left the model as it was
     assert model.bn1.num_batches_tracked.item() == 0
+
+
+class _ScaledSGD(torch.optim.SGD):
+    """A subclass whose step() calls super().step(): torch fires the step hooks once per class."""
+
+    def step(self, closure=None):
+        return super().step(closure)
+
+
+def test_subclass_calling_super_step_is_one_step():
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64)
+    model = MLPBN()
+    torch.optim.SGD(model.parameters(), lr=0.1)  # SGD.step is hooked once an SGD exists
+    opt = _ScaledSGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="overrides step"):
+        tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=3)
+    for _ in range(3):
+        _step(model, opt, x, y)
+    assert tracker.step == 3 and len(tracker.logged) == 1
+    w, b = model.fc1.weight.detach().double(), model.fc1.bias.detach().double()
+    assert tracker.logged[-1]["nld/scale/fc1/charge"] == pytest.approx(float((w**2).sum() + (b**2).sum()), rel=1e-6)
