@@ -266,6 +266,14 @@ class _TheoryLayout:
                    lay.to_groups(per_red.to(dev), unsigned=True), lin_params)
 
 
+def _is_sharded(p: Tensor) -> bool:
+    """A DTensor parameter whose placements shard it (FSDP2), or an FSDP1 flat parameter."""
+    placements = getattr(p, "placements", None)
+    if placements is not None:
+        return any(type(pl).__name__ != "Replicate" for pl in placements)
+    return bool(getattr(p, "_is_flat_param", False))
+
+
 _STEP_WRAPPER = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
 
 
@@ -352,6 +360,7 @@ class NoetherTracker:
             )
         self.step = 0
         self.skipped_steps = 0
+        self._sharded_warned = False
         # A subclass whose step() calls super().step() runs the hooks once per class: only the
         # outermost call is a step.
         self._may_nest = any("step" in vars(c) for c in type(optimizer).__mro__[1:]
@@ -397,11 +406,19 @@ class NoetherTracker:
         named = dict(self.model.named_parameters())
         in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         groups = []
+        sharded = sorted(n for n, p in named.items() if _is_sharded(p))
         for g in report.groups:
-            if all(m.param in named and id(named[m.param]) in in_opt for m in g.members):
+            if any(m.param in sharded for m in g.members):
+                report.notes.append(f"{g.key}: sharded parameters (FSDP) are not tracked; left out")
+            elif all(m.param in named and id(named[m.param]) in in_opt for m in g.members):
                 groups.append(g)
             else:
                 report.notes.append(f"{g.key}: not every parameter is updated by this optimizer; left out")
+        if sharded and not self._sharded_warned:
+            warnings.warn(f"NoetherTracker: {len(sharded)} parameters are sharded (FSDP/DTensor); their groups are "
+                          "not tracked (per-neuron sums across shards are not supported). Use DDP to monitor them.",
+                          stacklevel=2)
+            self._sharded_warned = True
         report = dataclasses.replace(report, groups=groups)
         self.report = report
         self._signature = self.parameter_signature()

@@ -34,3 +34,24 @@ def test_ddp_two_cpu_processes(tmp_path):
     acc.Reload()
     steps = [e.step for e in acc.Scalars("nld/scale/net.0/charge")]
     assert steps == [3, 6, 9]
+
+
+def _fully_shard_available():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return dist.is_available() and dist.is_gloo_available()
+
+
+@pytest.mark.skipif(not _fully_shard_available(), reason="needs torch.distributed.fsdp.fully_shard and gloo")
+def test_fsdp_sharded_groups_are_left_out_with_one_warning(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "fsdp_fit.py"), str(tmp_path), "29547"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        out = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert out["found"] and out["groups"] == []
+        assert len(out["warnings"]) == 1 and "Use DDP" in out["warnings"][0]
+        assert all("sharded parameters (FSDP)" in n for n in out["notes"] if n.startswith(tuple(out["found"])))
+        assert out["step"] == 4
