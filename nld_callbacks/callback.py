@@ -170,9 +170,12 @@ class NoetherMonitor(Callback):
                            f"{type(pl_module).__name__}; nothing to track there, training goes on.")
 
     def _start_dashboards(self, trainer: pl.Trainer, report: SymmetryReport) -> None:
-        """On rank 0: the symmetry text panel and the hyperparameters once, through every logger; the
+        """Start the dashboards on rank 0.
+
+        The symmetry text panel and the hyperparameters once, through every logger; the
         custom-scalars layout (after the first log, from the tags written) and the histograms through
-        every logger whose experiment is a ``SummaryWriter``."""
+        every logger whose experiment is a ``SummaryWriter``.
+        """
         if not trainer.is_global_zero:
             return
         if self._dashboards is None:

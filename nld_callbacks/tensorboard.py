@@ -66,7 +66,8 @@ QUANTITIES: dict[str, str] = {
     "breaking": "largest |b| (measured symmetry-breaking share) since the last log",
     "effective_lr": "η/((1−ηλ)Q), mean over the layer's channels (scale groups)",
     "angular_update": "measured 2·asin(|ŵ_{t+1} − ŵ_t|/2), mean over channels (scale groups)",
-    "equilibrium": "predicted equilibrium charge Σ Q* (physics.md §2.4), from the drive averaged over one relaxation time",
+    "equilibrium": "predicted equilibrium charge Σ Q* (physics.md §2.4), from the drive averaged over one "
+    "relaxation time",
     "equilibrium_angle": "predicted equilibrium angular update per step (§2.4), mean over channels",
     "relaxation_steps": "steps for the charge to relax towards equilibrium (§2.4), mean over channels",
     "rmsprop_decay": "decay of the implicit RMSProp accumulator |w|⁴: (1−ηλ)⁴ for SGD (§2.3)",

@@ -28,6 +28,8 @@ from .tensorboard import parse_tag, tag
 
 __all__ = [
     "BNCNN",
+    "HostSyncError",
+    "forbid_host_sync",
     "MLPBN",
     "MLPLN",
     "PROBLEMS",
@@ -527,3 +529,55 @@ def assert_matches_baseline(traj: Trajectory, path: str | os.PathLike[str], *, q
                     f"baseline {_g(b)}, |difference| {abs(v - b):.3g} > tolerance {tol:.3g} (atol {atol:g} + rtol "
                     f"{rtol:g} × |baseline|; {path})"
                 )
+
+
+class HostSyncError(AssertionError):
+    """A tracker hook read a tensor's value on the host on a step that does not log."""
+
+
+class _NoHostSync(torch.overrides.TorchFunctionMode):
+    FORBIDDEN = frozenset({torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy,
+                           torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in self.FORBIDDEN:
+            raise HostSyncError(f"host sync in a tracker hook on a non-logging step: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def forbid_host_sync(tracker: Any) -> Any:
+    """Make ``tracker``'s optimizer hooks fail on any host sync on steps that do not log.
+
+    ``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``bool(t)``, ``float(t)`` and ``int(t)``
+    raise :class:`HostSyncError` inside the hooks, except on the steps whose post-hook logs (the
+    one transfer per logging step). Returns the tracker, re-attached.
+
+    Example:
+        >>> import torch
+        >>> from nld_callbacks import NoetherTracker
+        >>> model = MLPBN()
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> x, y = synthetic_classification(n=32)
+        >>> tracker = forbid_host_sync(NoetherTracker(model, opt, example_input=x, log_every_n_steps=2))
+        >>> for _ in range(4):
+        ...     opt.zero_grad()
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
+        ...     opt.step()
+        >>> len(tracker.logged)
+        2
+    """
+    tracker.detach()
+    pre, post = tracker._pre_hook, tracker._post_hook
+
+    def guarded(hook: Callable[..., Any], logs: Callable[[], bool]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            if logs():
+                return hook(*args)
+            with _NoHostSync():
+                return hook(*args)
+
+        return run
+
+    tracker._pre_hook = guarded(pre, lambda: False)
+    tracker._post_hook = guarded(post, lambda: tracker.schedule(tracker.step + 1))
+    return tracker.attach()

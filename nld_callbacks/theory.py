@@ -45,6 +45,7 @@ Example (plain SGD, one neuron, exact arithmetic):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
@@ -124,6 +125,17 @@ class StepTerms:
     coeff: Tensor
     step_sq: Tensor
 
+    @classmethod
+    def of(cls, *, Q0: Tensor, Q1: Tensor, parts: Sequence[Tensor], force: Tensor, coeff: Tensor,
+           step_sq: Tensor) -> StepTerms:
+        """Assemble the split of physics.md §3.2 from the symmetric prediction's individual terms.
+
+        observed = Q1 − Q0, symmetric = Σ parts, terms = Σ |parts|, breaking = −coeff·force.
+        """
+        return cls(observed=Q1 - Q0, symmetric=sum(parts, torch.zeros_like(Q0)), breaking=-coeff * force,
+                   terms=sum((p.abs() for p in parts), torch.zeros_like(Q0)), force=force, coeff=coeff,
+                   step_sq=step_sq)
+
 
 def _t(x: Scalar, like: Tensor) -> Tensor:
     return x if isinstance(x, Tensor) else torch.full_like(like, float(x))
@@ -160,15 +172,8 @@ def sgd_step(*, Q0: Tensor, Q1: Tensor, X: Tensor, G: Tensor, lr: Scalar, wd: Sc
     kinetic = eta * eta * G
     coeff = 2.0 * eta * a
     step_sq = eta * eta * (G + 2.0 * lam * R + lam * lam * Q0)
-    return StepTerms(
-        observed=Q1 - Q0,
-        symmetric=decay + kinetic,
-        breaking=-coeff * R,
-        terms=decay.abs() + kinetic.abs(),
-        force=R,
-        coeff=coeff,
-        step_sq=step_sq,
-    )
+    return StepTerms.of(Q0=Q0, Q1=Q1, parts=(decay, kinetic), force=R, coeff=coeff,
+                        step_sq=step_sq)
 
 
 def heavy_ball_step(*, Q0: Tensor, Q1: Tensor, P0: Tensor, X: Tensor, Y: Tensor, K: Tensor, lr: Scalar,
@@ -202,15 +207,8 @@ def heavy_ball_step(*, Q0: Tensor, Q1: Tensor, P0: Tensor, X: Tensor, Y: Tensor,
     decay = -2.0 * eta * c * lam * Q0
     kinetic = eta * eta * K
     coeff = 2.0 * eta * c
-    return StepTerms(
-        observed=Q1 - Q0,
-        symmetric=radial + decay + kinetic,
-        breaking=-coeff * R,
-        terms=radial.abs() + decay.abs() + kinetic.abs(),
-        force=R,
-        coeff=coeff,
-        step_sq=kinetic,
-    )
+    return StepTerms.of(Q0=Q0, Q1=Q1, parts=(radial, decay, kinetic), force=R, coeff=coeff,
+                        step_sq=kinetic)
 
 
 def nesterov_step(*, Q0: Tensor, Q1: Tensor, P0: Tensor, X: Tensor, G: Tensor, Y: Tensor, K: Tensor, Z: Tensor,
@@ -248,15 +246,8 @@ def nesterov_step(*, Q0: Tensor, Q1: Tensor, P0: Tensor, X: Tensor, G: Tensor, Y
     decay = -2.0 * eta * (1.0 + beta * c) * lam * Q0
     kinetic = eta * eta * uu
     coeff = 2.0 * eta * (1.0 + beta * c)
-    return StepTerms(
-        observed=Q1 - Q0,
-        symmetric=radial + decay + kinetic,
-        breaking=-coeff * R,
-        terms=radial.abs() + decay.abs() + kinetic.abs(),
-        force=R,
-        coeff=coeff,
-        step_sq=kinetic,
-    )
+    return StepTerms.of(Q0=Q0, Q1=Q1, parts=(radial, decay, kinetic), force=R, coeff=coeff,
+                        step_sq=kinetic)
 
 
 def sgdw_step(*, Q0: Tensor, Q1: Tensor, P0: Tensor, X: Tensor, Y: Tensor, K: Tensor, lr: Scalar, wd: Scalar,
@@ -291,15 +282,8 @@ def sgdw_step(*, Q0: Tensor, Q1: Tensor, P0: Tensor, X: Tensor, Y: Tensor, K: Te
     coeff = 2.0 * eta * a
     shrink = 1.0 - a  # = ηλ; Δθ = −ηλ θ_t − η v_{t+1}
     step_sq = shrink * shrink * Q0 + 2.0 * shrink * eta * (beta * P0 + R) + kinetic
-    return StepTerms(
-        observed=Q1 - Q0,
-        symmetric=decay + radial + kinetic,
-        breaking=-coeff * R,
-        terms=decay.abs() + radial.abs() + kinetic.abs(),
-        force=R,
-        coeff=coeff,
-        step_sq=step_sq,
-    )
+    return StepTerms.of(Q0=Q0, Q1=Q1, parts=(decay, radial, kinetic), force=R, coeff=coeff,
+                        step_sq=step_sq)
 
 
 def adaptive_step(*, Q0: Tensor, Q1: Tensor, U: Tensor, UU: Tensor, lr: Scalar, decay: Scalar) -> StepTerms:
@@ -330,15 +314,8 @@ def adaptive_step(*, Q0: Tensor, Q1: Tensor, U: Tensor, UU: Tensor, lr: Scalar, 
     kinetic = eta * eta * UU
     coeff = 2.0 * eta * a
     shrink = 1.0 - a
-    return StepTerms(
-        observed=Q1 - Q0,
-        symmetric=dec + kinetic,
-        breaking=-coeff * radial,
-        terms=dec.abs() + kinetic.abs(),
-        force=radial,
-        coeff=coeff,
-        step_sq=shrink * shrink * Q0 + 2.0 * shrink * eta * radial + kinetic,
-    )
+    return StepTerms.of(Q0=Q0, Q1=Q1, parts=(dec, kinetic), force=radial, coeff=coeff,
+                        step_sq=shrink * shrink * Q0 + 2.0 * shrink * eta * radial + kinetic)
 
 
 def metric_step(*, QG1: Tensor, XD: Tensor, DU: Tensor, Q0: Tensor, lr: Scalar, decay: Scalar,

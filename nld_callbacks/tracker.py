@@ -278,9 +278,11 @@ _STEP_WRAPPER = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__
 
 
 def _nested_step(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether this hook call comes from a ``step()`` nested in another ``step()`` of the same
-    optimizer (torch wraps every class's ``step`` with the hooks, so ``super().step()`` fires them
-    again). Stateless, so an exception inside a step can never leave the tracker deaf."""
+    """Whether this hook call comes from a ``step()`` nested in another ``step()``.
+
+    Torch wraps every class's ``step`` with the hooks, so ``super().step()`` of the same optimizer
+    fires them again. Stateless, so an exception inside a step can never leave the tracker deaf.
+    """
     frame, calls = sys._getframe(2), 0
     while frame is not None:
         if frame.f_code is _STEP_WRAPPER and frame.f_locals.get("self") is optimizer:
@@ -450,8 +452,10 @@ class NoetherTracker:
             d.write_symmetries(report, self.step)
 
     def parameter_signature(self) -> tuple[int, int]:
-        """(param groups, trainable parameters) of the optimizer: changes when a fine-tuning run
-        unfreezes layers or adds a param group, which calls for reading the symmetries again."""
+        """(param groups, trainable parameters) of the optimizer.
+
+        It changes when a fine-tuning run unfreezes layers or adds a param group, which calls for reading the symmetries again.
+        """
         groups = self.optimizer.param_groups
         return len(groups), sum(1 for g in groups for p in g["params"] if p.requires_grad)
 
@@ -562,8 +566,10 @@ class NoetherTracker:
         return self.sample_every == 1 or step % self.sample_every == 0
 
     def _fused_pairs(self, optimizer: torch.optim.Optimizer, *, pre: bool) -> list[tuple[Any, Any]]:
-        """The products the coming hook will ask for, to evaluate in one fused batch
-        (:meth:`ChargeLayout.prefetch`); a product missing here is still computed when asked for."""
+        """The products the coming hook will ask for.
+
+        They are evaluated in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here is still computed when asked for.
+        """
         theta: dict[str, Tensor] = dict(self._params)
         pairs: list[tuple[Any, Any]] = [(theta, theta)]
         if not self.opt_model.supported:
@@ -958,8 +964,10 @@ class NoetherTracker:
         return m
 
     def _histograms_on_device(self) -> Tensor | None:
-        """The last step's per-neuron charges and effective learning rates, binned per group on the
-        device: ``(2, G, 5 + bins)`` (see :func:`~nld_callbacks.tensorboard.bin_on_device`)."""
+        """The last step's per-neuron charges and effective learning rates, binned on the device.
+
+        Shape ``(2, G, 5 + bins)`` (see :func:`~nld_callbacks.tensorboard.bin_on_device`).
+        """
         lay, last = self.layout, self.last
         if lay is None or last is None or last.charge.numel() != lay.n_neurons:
             return None
@@ -1040,7 +1048,8 @@ def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         lines.append((r["kind"], r["layer"], f"{r['charge_start']:.6g}", f"{r['charge_end']:.6g}",
                       f"{r['delta_observed']:+.6g}", f"{r['delta_predicted']:+.6g}", f"{r['delta_breaking']:+.3g}",
-                      f"{r['max_residual']:.3g}", "-" if r["effective_lr"] != r["effective_lr"] else f"{r['effective_lr']:.4g}"))
+                      f"{r['max_residual']:.3g}",
+                      "-" if r["effective_lr"] != r["effective_lr"] else f"{r['effective_lr']:.4g}"))
     w = [max(len(x[i]) for x in lines) for i in range(len(head))]
     out = ["  ".join(c.rjust(w[i]) if i > 1 else c.ljust(w[i]) for i, c in enumerate(row)) for row in lines]
     out.insert(1, "  ".join("-" * x for x in w))

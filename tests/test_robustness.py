@@ -7,10 +7,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from nld_callbacks import NoetherTracker, find_symmetries
-from nld_callbacks.testing import BNCNN, MLPBN, synthetic_classification
+from nld_callbacks.testing import BNCNN, MLPBN, HostSyncError, _NoHostSync, forbid_host_sync, synthetic_classification
 from nld_callbacks.tracker import _BAD
 
 
@@ -68,18 +67,6 @@ def test_zero_charge_group_is_tracked_without_nan_in_the_layer_means():
     assert m["nld/scale/fc1/effective_lr"] == pytest.approx(float(eff.mean()), rel=1e-12)
 
 
-class _NoSync(TorchFunctionMode):
-    """Fails on every operation that moves a value to the host."""
-
-    FORBIDDEN = {torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy,
-                 torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.FORBIDDEN:
-            raise AssertionError(f"host sync in a tracker hook on a non-logging step: {func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("opt_kw", [dict(momentum=0.9, weight_decay=5e-4), dict(momentum=0.9, nesterov=True),
                                     dict(weight_decay=1e-3)], ids=["heavy_ball", "nesterov", "sgd"])
 def test_no_host_sync_on_steps_that_do_not_log(opt_kw):
@@ -88,21 +75,7 @@ def test_no_host_sync_on_steps_that_do_not_log(opt_kw):
     y = torch.randint(0, 10, (32,))
     model = BNCNN(channels=(4, 8, 8))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, **opt_kw)
-    tracker = NoetherTracker(model, opt, find_symmetries(model, x), log_every_n_steps=4)
-    tracker.detach()
-    pre, post = tracker._pre_hook, tracker._post_hook
-
-    def guarded(hook, logs):
-        def run(*args):
-            if logs():
-                return hook(*args)
-            with _NoSync():
-                return hook(*args)
-        return run
-
-    tracker._pre_hook = guarded(pre, lambda: False)
-    tracker._post_hook = guarded(post, lambda: tracker.schedule(tracker.step + 1))
-    tracker.attach()
+    tracker = forbid_host_sync(NoetherTracker(model, opt, find_symmetries(model, x), log_every_n_steps=4))
     for _ in range(8):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -110,7 +83,7 @@ def test_no_host_sync_on_steps_that_do_not_log(opt_kw):
     assert tracker.step == 8 and len(tracker.logged) == 2
 
     # the guard itself works: a sync inside it fails
-    with pytest.raises(AssertionError, match="host sync"), _NoSync():
+    with pytest.raises(HostSyncError, match="host sync"), _NoHostSync():
         torch.ones(1).item()
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from nld_callbacks import NoetherTracker, find_symmetries
 from nld_callbacks.optim import SGDW
 from nld_callbacks.symmetries import Member, SymmetryGroup
-from nld_callbacks.testing import MLPBN, synthetic_classification
+from nld_callbacks.testing import MLPBN, forbid_host_sync, synthetic_classification
 
 CASES = [
     dict(id="sgd", lr=0.1),
@@ -465,18 +465,6 @@ def test_state_dict_resume_gives_the_same_values():
     assert [r["max_residual"] for r in resumed.summary()] == [r["max_residual"] for r in full.summary()]
 
 
-class _NoHostSync(torch.overrides.TorchFunctionMode):
-    """Fails on every operation that reads a tensor's value on the host."""
-
-    FORBIDDEN = {torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy,
-                 torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.FORBIDDEN:
-            raise AssertionError(f"host read in a tracker hook on a non-logging step: {func.__name__}")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("make", [
     lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.0, 0.99)),
     lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True, weight_decay=1e-3),
@@ -492,20 +480,7 @@ def test_new_rules_and_linear_charges_never_read_the_device_between_logs(make):
     trans = SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1), Member("fc3.bias", None, offset=16)),
                           17, "input feature", "t")
     tracker = NoetherTracker(model, opt, [*_groups(), trans], log_every_n_steps=4)
-    tracker.detach()
-    pre, post = tracker._pre_hook, tracker._post_hook
-
-    def guarded(hook, logs):
-        def run(*args):
-            if logs():
-                return hook(*args)
-            with _NoHostSync():
-                return hook(*args)
-        return run
-
-    tracker._pre_hook = guarded(pre, lambda: False)
-    tracker._post_hook = guarded(post, lambda: tracker.schedule(tracker.step + 1))
-    tracker.attach()
+    forbid_host_sync(tracker)
     for _ in range(8):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
