@@ -454,7 +454,8 @@ class NoetherTracker:
     def parameter_signature(self) -> tuple[int, int]:
         """(param groups, trainable parameters) of the optimizer.
 
-        It changes when a fine-tuning run unfreezes layers or adds a param group, which calls for reading the symmetries again.
+        It changes when a fine-tuning run unfreezes layers or adds a param group, which calls for
+        reading the symmetries again.
         """
         groups = self.optimizer.param_groups
         return len(groups), sum(1 for g in groups for p in g["params"] if p.requires_grad)
@@ -568,7 +569,8 @@ class NoetherTracker:
     def _fused_pairs(self, optimizer: torch.optim.Optimizer, *, pre: bool) -> list[tuple[Any, Any]]:
         """The products the coming hook will ask for.
 
-        They are evaluated in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here is still computed when asked for.
+        They are evaluated in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here
+        is still computed when asked for.
         """
         theta: dict[str, Tensor] = dict(self._params)
         pairs: list[tuple[Any, Any]] = [(theta, theta)]
