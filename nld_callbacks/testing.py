@@ -28,6 +28,7 @@ from .tensorboard import parse_tag, tag
 
 __all__ = [
     "BNCNN",
+    "mlp_bn_groups",
     "HostSyncError",
     "forbid_host_sync",
     "MLPBN",
@@ -581,3 +582,29 @@ def forbid_host_sync(tracker: Any) -> Any:
     tracker._pre_hook = guarded(pre, lambda: False)
     tracker._post_hook = guarded(post, lambda: tracker.schedule(tracker.step + 1))
     return tracker.attach()
+
+
+def mlp_bn_groups() -> list[Any]:
+    """The charges of :class:`MLPBN` declared by hand (physics.md §5's MLP-BN).
+
+    fc1 rows (scale, 32), fc2 units against fc3 columns and BN (γ, β) against fc2 columns
+    (rescale, 16 and 32), and the softmax translation of fc3 (class sums of W's 16 columns and of b).
+
+    Example:
+        >>> [(g.key, g.n_neurons) for g in mlp_bn_groups()]
+        [('scale/fc1', 32), ('rescale/fc2', 16), ('rescale/bn1', 32), ('translation/fc3', 17)]
+    """
+    from .symmetries import Member, SymmetryGroup
+
+    return [
+        SymmetryGroup("scale", "fc1", (Member("fc1.weight", 0), Member("fc1.bias", 0)), 32, "output channel",
+                      "declared"),
+        SymmetryGroup("rescale", "fc2",
+                      (Member("fc2.weight", 0), Member("fc2.bias", 0), Member("fc3.weight", 1, sign=-1)),
+                      16, "hidden unit", "declared"),
+        SymmetryGroup("rescale", "bn1",
+                      (Member("bn1.weight", 0), Member("bn1.bias", 0), Member("fc2.weight", 1, sign=-1)),
+                      32, "hidden unit", "declared"),
+        SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1), Member("fc3.bias", None, offset=16)),
+                      17, "input feature", "declared"),
+    ]

@@ -17,19 +17,12 @@ from nld_callbacks import NoetherTracker, theory
 from nld_callbacks.symmetries import Member, SymmetryGroup
 from nld_callbacks.testing import MLPBN
 
+# tiny tensors: one intra-op thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EPS0 = 1e-30
 D = 2048  # the synthetic walk's dimension; |g̃|² = D − 1
 GT2 = D - 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the threads' spinning
-    multiplies the run time; one thread keeps these tests fast everywhere."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(autouse=True)

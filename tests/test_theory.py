@@ -16,37 +16,13 @@ from torch import nn
 
 from nld_callbacks import NoetherTracker, theory
 from nld_callbacks.optim import SGDW, optimizer_model, register_optimizer
-from nld_callbacks.symmetries import Member, SymmetryGroup
-from nld_callbacks.testing import MLPBN, synthetic_classification
+from nld_callbacks.testing import MLPBN, mlp_bn_groups, synthetic_classification
+
+# tiny tensors: one intra-op thread (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS0 = 1e-30  # torch rejects BN ε = 0 in train mode; 1e-30 is zero for O(1) variances in float64
 TOL = 1e-13  # physics.md §6: exact identities in float64, |res| ≤ 1e-13·M
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine the threads' spinning
-    multiplies the run time; one thread keeps these tests fast everywhere."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _groups():
-    """fc1 rows (scale), fc2 units against fc3 columns and BN (γ, β) against fc2 columns (rescale),
-    and the softmax translation charge of fc3 (class sums of W's columns and of b)."""
-    return [
-        SymmetryGroup("scale", "fc1", (Member("fc1.weight", 0), Member("fc1.bias", 0)), 32, "output channel", "t"),
-        SymmetryGroup("rescale", "fc2",
-                      (Member("fc2.weight", 0), Member("fc2.bias", 0), Member("fc3.weight", 1, sign=-1)),
-                      16, "hidden unit", "t"),
-        SymmetryGroup("rescale", "bn1",
-                      (Member("bn1.weight", 0), Member("bn1.bias", 0), Member("fc2.weight", 1, sign=-1)),
-                      32, "hidden unit", "t"),
-        SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1), Member("fc3.bias", None, offset=16)),
-                      17, "input feature", "t"),
-    ]
 
 
 def _red(x, m):
@@ -237,7 +213,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_exact_identities_match_the_real_step(case):
     """Table B: scale, rescale and translation charges, one step at a time, at |res| ≤ 1e-13·M."""
-    groups = _groups()
+    groups = mlp_bn_groups()
     worst = {g.key: 0.0 for g in groups}
     for step, s in enumerate(_simulate(case, 40)):
         for g in groups:
@@ -264,7 +240,7 @@ def test_exact_identities_match_the_real_step(case):
                          ids=[c["id"] for c in CASES if c.get("momentum") and not c.get("mixed")])
 def test_radial_momentum_recursion(case):
     """Table B, "P-recursion": (Q, P) forward from the state with the measured drives."""
-    g = _groups()[0]
+    g = mlp_bn_groups()[0]
     for step, s in enumerate(_simulate(case, 30)):
         n = "fc1.weight"
         hp = s["hp"][n]
@@ -293,7 +269,7 @@ def test_radial_momentum_recursion(case):
 def test_mixed_weight_decay_needs_the_per_tensor_form():
     """Table B: BN (γ, β) without decay against a decayed fc2: one common (1−ηλ)² misses by ~19×|ΔQ|;
     the per-tensor form with the measured R_i is exact."""
-    g = _groups()[2]
+    g = mlp_bn_groups()[2]
     naive = 0.0
     for s in _simulate(dict(lr=0.1, wd=5e-2, mixed="wd"), 40):
         th0, th1, gr = s["th0"], s["th1"], s["g"]
@@ -309,7 +285,7 @@ def test_mixed_weight_decay_needs_the_per_tensor_form():
 
 def test_clipping_needs_the_consumed_gradient():
     """Table B: with the pre-clip gradient the identity misses by ~17×|ΔQ|; with the consumed one it holds."""
-    g = _groups()[0]
+    g = mlp_bn_groups()[0]
     pre = 0.0
     for s in _simulate(dict(lr=0.1, clip=0.05), 30):
         th0, th1 = s["th0"], s["th1"]
@@ -330,7 +306,7 @@ def test_clipping_needs_the_consumed_gradient():
 def test_bn_eps_breaking_is_measured(momentum):
     """Table B, BN ε = 1e-3: the symmetric prediction misses by ~0.1 of its terms; adding the measured
     −2ηc R_t brings the residual to the float64 floor."""
-    g = _groups()[0]
+    g = mlp_bn_groups()[0]
     sym_miss = 0.0
     for s in _simulate(dict(lr=0.05, wd=5e-3, momentum=momentum), 40, eps=1e-3):
         th0, th1 = s["th0"], s["th1"]
@@ -350,7 +326,7 @@ def test_bn_eps_breaking_is_measured(momentum):
 def test_float32_floor(autocast):
     """Table B: float32 weights (and bf16 autocast with fp32 weights), SGD λ = 5e-4: after adding the
     measured breaking term the residual is within 10·u_w·M (u_w = 2^-24), §6."""
-    g = _groups()[0]
+    g = mlp_bn_groups()[0]
     u = theory.unit_roundoff(torch.float32)
     sym_miss = 0.0
     for s in _simulate(dict(lr=0.1, wd=5e-4), 40, eps=1e-5, dtype=torch.float32, autocast=autocast):
@@ -460,7 +436,7 @@ def test_metric_identity_without_momentum(case):
     """
     from nld_callbacks.optim import adaptive_tensors, optimizer_model
 
-    g = _groups()[0]
+    g = mlp_bn_groups()[0]
     euclid = []
     for opt, named, th0, th1, grads in _adaptive_run(case["make"]):
         model = optimizer_model(opt)
@@ -501,7 +477,7 @@ def test_adamw_momentum_trivial_identity_and_translation_drift():
     translation charge drifts by a sizeable part of the update's L1 (KSB by a diagonal metric)."""
     from nld_callbacks.optim import adaptive_tensors, optimizer_model
 
-    gs, gt = _groups()[0], _groups()[3]
+    gs, gt = mlp_bn_groups()[0], mlp_bn_groups()[3]
     drift, radial = 0.0, 0.0
     make = lambda ps: torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1)  # noqa: E731
     for opt, named, th0, th1, grads in _adaptive_run(make):
@@ -607,7 +583,7 @@ def _nld_error(lr, momentum, wd, duration, second_half=False):
     x, y = synthetic_classification(n=128, dtype=torch.float64)
     model = MLPBN(eps=EPS0).double()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    tracker = NoetherTracker(model, opt, _groups()[:1], log_every_n_steps=10**9)
+    tracker = NoetherTracker(model, opt, mlp_bn_groups()[:1], log_every_n_steps=10**9)
     steps = int(round(duration / lr))
     errs = []
     for _ in range(steps):
@@ -649,7 +625,7 @@ def test_continuous_law_follows_a_schedule():
         opt = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=wd)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda k: min(1.0, (k + 1) / 10) * 0.5 * (1 + math.cos(math.pi * k / 60)))
-        tracker = NoetherTracker(model, opt, _groups()[:1], log_every_n_steps=10**9)
+        tracker = NoetherTracker(model, opt, mlp_bn_groups()[:1], log_every_n_steps=10**9)
         W, b = model.fc1.weight, model.fc1.bias
         Q = ((W.detach() ** 2).sum(1) + b.detach() ** 2).clone()
         for _ in range(60):

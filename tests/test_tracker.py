@@ -16,7 +16,7 @@ from torch import nn
 from nld_callbacks import NoetherTracker, find_symmetries
 from nld_callbacks.optim import SGDW
 from nld_callbacks.symmetries import Member, SymmetryGroup
-from nld_callbacks.testing import MLPBN, forbid_host_sync, synthetic_classification
+from nld_callbacks.testing import MLPBN, forbid_host_sync, mlp_bn_groups, synthetic_classification
 
 CASES = [
     dict(id="sgd", lr=0.1),
@@ -33,19 +33,6 @@ CASES = [
     dict(id="maximize", lr=0.01, momentum=0.9, wd=5e-3, maximize=True, steps=12),
     dict(id="foreach_off", lr=0.05, momentum=0.9, wd=5e-3, foreach=False),
 ]
-
-
-def _groups():
-    """fc1 rows (scale), fc2 units against fc3 columns (rescale), BN (γ, β) against fc2 columns."""
-    return [
-        SymmetryGroup("scale", "fc1", (Member("fc1.weight", 0), Member("fc1.bias", 0)), 32, "output channel", "t"),
-        SymmetryGroup("rescale", "fc2",
-                      (Member("fc2.weight", 0), Member("fc2.bias", 0), Member("fc3.weight", 1, sign=-1)),
-                      16, "hidden unit", "t"),
-        SymmetryGroup("rescale", "bn1",
-                      (Member("bn1.weight", 0), Member("bn1.bias", 0), Member("fc2.weight", 1, sign=-1)),
-                      32, "hidden unit", "t"),
-    ]
 
 
 def _red(x, m):
@@ -125,7 +112,7 @@ def test_predictions_match_float64_simulation(case):
     x, y = synthetic_classification(n=128, dtype=torch.float64)
     model = MLPBN().double()
     opt = _optimizer(model, case)
-    groups = _groups()
+    groups = mlp_bn_groups()[:3]
     named = dict(model.named_parameters())
     tracker = NoetherTracker(model, opt, groups, log_every_n_steps=10)
     gen = torch.Generator().manual_seed(1)
@@ -174,7 +161,7 @@ def test_breaking_share_measures_bn_eps():
     x, y = synthetic_classification(n=64, dtype=torch.float64)
     model = MLPBN(eps=1e-1).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
-    tracker = NoetherTracker(model, opt, _groups()[:1], log_every_n_steps=5)
+    tracker = NoetherTracker(model, opt, mlp_bn_groups()[:1], log_every_n_steps=5)
     for _ in range(10):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -285,7 +272,7 @@ def _measured_only(opt_factory, name, *, closure=False, steps=3):
     x, y = synthetic_classification(n=64, dtype=torch.float64)
     model = MLPBN().double()
     opt = opt_factory(model.parameters())
-    groups = [*_groups(), SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1),
+    groups = [*mlp_bn_groups()[:3], SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1),
                                                               Member("fc3.bias", None, offset=16)), 17, "input", "t")]
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -353,7 +340,7 @@ def test_adaptive_optimizers_against_the_real_step(case):
     x, y = synthetic_classification(n=128, dtype=torch.float64)
     model = MLPBN(eps=1e-30).double()  # BN ε ≈ 0: R_t at the float64 floor
     opt = case["make"](model.parameters())
-    groups = _groups()
+    groups = mlp_bn_groups()[:3]
     named = dict(model.named_parameters())
     tracker = NoetherTracker(model, opt, groups, log_every_n_steps=5)
     for _ in range(15):
@@ -404,7 +391,7 @@ def test_translation_and_rescale_groups_are_tracked_exactly():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3, dampening=0.2)
     trans = SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1), Member("fc3.bias", None, offset=16)),
                           17, "input feature", "t")
-    tracker = NoetherTracker(model, opt, [*_groups(), trans], log_every_n_steps=10)
+    tracker = NoetherTracker(model, opt, [*mlp_bn_groups()[:3], trans], log_every_n_steps=10)
     T = S = None
     for _ in range(20):
         opt.zero_grad()
@@ -446,11 +433,11 @@ def test_state_dict_resume_gives_the_same_values():
             opt.step()
 
     model, opt = make()
-    full = NoetherTracker(model, opt, _groups(), log_every_n_steps=4)
+    full = NoetherTracker(model, opt, mlp_bn_groups()[:3], log_every_n_steps=4)
     train(model, opt, 12)
 
     model, opt = make()
-    first = NoetherTracker(model, opt, _groups(), log_every_n_steps=4)
+    first = NoetherTracker(model, opt, mlp_bn_groups()[:3], log_every_n_steps=4)
     train(model, opt, 6)
     saved = (model.state_dict(), opt.state_dict(), first.state_dict())
     first.detach()
@@ -479,7 +466,7 @@ def test_new_rules_and_linear_charges_never_read_the_device_between_logs(make):
     opt = make(model.parameters())
     trans = SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1), Member("fc3.bias", None, offset=16)),
                           17, "input feature", "t")
-    tracker = NoetherTracker(model, opt, [*_groups(), trans], log_every_n_steps=4)
+    tracker = NoetherTracker(model, opt, [*mlp_bn_groups()[:3], trans], log_every_n_steps=4)
     forbid_host_sync(tracker)
     for _ in range(8):
         opt.zero_grad()
