@@ -41,13 +41,26 @@ class NoetherMonitor(Callback):
         - ``nld/{kind}/{layer}/band_lower``, ``band_upper``: ``predicted`` ∓ D, D the residual
           scale of physics.md §3.2 summed over the layer's neurons (the dashboard's tolerance band).
 
+        Where the optimizer has the law (physics.md §2.2–2.4; absent laws are not logged):
+
+        - ``nld/{kind}/{layer}/nld``: the continuous NLD law integrated from the start of tracking.
+        - ``nld/scale/{layer}/equilibrium``, ``equilibrium_angle``, ``relaxation_steps``: predicted
+          equilibrium charge Q*, equilibrium angular update and relaxation time in steps.
+        - ``nld/scale/{layer}/rmsprop_decay``, ``rmsprop_accumulator``: the RMSProp correspondence
+          of normalization + weight decay (decay (1−ηλ)⁴, accumulator |w|⁴).
+        - ``nld/scale/{layer}/radial_update``: radial share of an adaptive optimizer's update (the
+          kinetic-symmetry-breaking signature of Adam/RMSprop).
+        - ``nld/{kind}/{layer}/metric_charge``, ``metric_predicted``: the metric charge Σ G θ² of
+          Adam with β1 = 0 / RMSprop, measured and predicted.
+
         Through a ``TensorBoardLogger`` (rank 0) also: the custom-scalars layout (once, from the tags
         written), the text panel ``nld/symmetries`` (detected groups and coverage), histograms
         ``nld/{kind}/{layer}/neuron_charge`` and ``nld/scale/{layer}/neuron_effective_lr`` at
         logging steps; through every logger, the monitor's settings as hyperparameters ``nld/...``.
 
-        Predictions are logged only for optimizers modelled exactly (``torch.optim.SGD``); for any
-        other optimizer only ``charge`` is logged, after one warning.
+        Predictions are logged only for optimizers modelled exactly (``torch.optim.SGD``, ``SGDW``,
+        ``Adam``/``AdamW``, ``RMSprop``: see :mod:`nld_callbacks.optim`); for any other optimizer
+        only ``charge`` is logged, after one warning.
 
     Args:
         log_every_n_steps: log every n optimizer steps; ``None`` uses the trainer's
