@@ -879,10 +879,8 @@ class NoetherTracker:
         new[[_CHARGE, _PRED, _TOL, _NLD, _QSTAR, _METRIC, _METRIC_PRED]] = sums[[0, 1, 2, 6, 7, 8, 9]]
         new[[_SUM_OBS, _SUM_SYM, _SUM_BRK]] = acc[[_SUM_OBS, _SUM_SYM, _SUM_BRK]] + sums[3:6]
         new[[_EFF, _ANGLE, _RADIAL, _ANGLE_STAR, _RELAX, _RMS_DECAY, _RMS_ACC]] = means
-        new[_BAD] = acc[_BAD]
-        bad = acc.clone()
-        bad[_BAD] += 1.0
-        acc.copy_(torch.where(ok, new, bad))
+        acc.copy_(torch.where(ok, new, acc))  # an invalid step leaves every row as it was ...
+        acc[_BAD] += (~ok).to(acc.dtype)  # ... and is counted
         for k, v in new_dyn.items():
             dyn[k] = torch.where(ok, v, dyn[k])
         self.last = StepRecord(self.step + 1, q0, q1, pred, brk, r, b, e, eff, angle, nld=nld, equilibrium=qstar,
