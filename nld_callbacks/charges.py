@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -288,6 +289,10 @@ class ChargeLayout:
             self.reductions.setdefault(r.param, []).append(r)
         self.params = list(self.reductions)
         dev = self.device
+        #: reductions feeding each group neuron (host): 0 for a neuron no tensor here covers (the
+        #: other ranks' rows of a sharded parameter)
+        self.neuron_counts = torch.bincount(torch.tensor(dst, dtype=torch.long), minlength=gstart)
+        self.covers_all = len(set(dst)) == gstart
         self._src = torch.tensor(src, dtype=torch.long, device=dev)
         self._dst = torch.tensor(dst, dtype=torch.long, device=dev)
         self._sign = torch.tensor(sign, dtype=torch.float64, device=dev)
@@ -296,6 +301,8 @@ class ChargeLayout:
             torch.tensor([g.n_neurons for g in self.groups], dtype=torch.long, device=dev),
         )
         self.group_offsets = goff
+        self._group_sizes = torch.tensor([g.n_neurons for g in self.groups], dtype=torch.long, device=dev)
+        self._matrices: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         # which parameter each reduction entry belongs to (for per-tensor coefficients)
         owner = torch.empty(start, dtype=torch.long)
         for pi, p in enumerate(self.params):
@@ -622,20 +629,61 @@ class ChargeLayout:
         else:
             flat.index_copy_(0, dp.index, res)
 
+    def _matrix(self, which: str, dtype: torch.dtype) -> torch.Tensor:
+        """A sparse matrix of the layout, built once per dtype.
+
+        ``signed``/``unsigned``: group neurons × reductions (the members' signs, or ones);
+        ``groups``: groups × group neurons (ones). Stored transposed, compressed by column (CSC) on
+        the CPU, where ``dense @ csc`` reads the rows in place; CSR elsewhere.
+        """
+        key = (which, dtype)
+        m = self._matrices.get(key)
+        if m is None:
+            if which == "groups":
+                rows, cols = self.group_index, torch.arange(self.n_neurons, device=self.device)
+                shape, vals = (len(self.groups), self.n_neurons), torch.ones(self.n_neurons, device=self.device)
+            else:
+                rows, cols, vals = self._dst, self._src, self._sign
+                shape = (self.n_neurons, self.n_reductions)
+                if which == "unsigned":
+                    vals = torch.ones_like(vals)
+            coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.to(dtype), shape, check_invariants=True)
+            with warnings.catch_warnings():  # torch calls its CSR support "beta" at every construction
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                coo = coo.coalesce()
+                m = coo.t().coalesce().to_sparse_csc() if self.device.type == "cpu" else coo.to_sparse_csr()
+                self._matrices[key] = m
+        return m
+
+    def _apply(self, which: str, values: torch.Tensor, n_out: int) -> torch.Tensor:
+        # one sparse product for any number of rows: V @ Mᵀ
+        lead = values.shape[:-1]
+        flat = values.reshape(-1, values.shape[-1])
+        m = self._matrix(which, values.dtype)
+        out = torch.mm(flat, m) if m.layout == torch.sparse_csc else torch.mm(m, flat.mT).mT
+        return out.reshape(*lead, n_out)
+
     def to_groups(self, values: torch.Tensor, *, unsigned: bool = False) -> torch.Tensor:
-        """Map per-reduction values (last dim) onto the group-neuron vector, applying signs."""
-        v = values.index_select(-1, self._src)
-        if not unsigned:
-            v = v * self._sign
-        out = torch.zeros((*values.shape[:-1], self.n_neurons), dtype=values.dtype, device=values.device)
-        return out.index_add_(-1, self._dst, v)
+        """Map per-reduction values (last dim) onto the group-neuron vector, applying signs.
+
+        One sparse matrix product, whatever the number of rows and groups.
+        """
+        return self._apply("unsigned" if unsigned else "signed", values, self.n_neurons)
 
     def per_group(self, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
-        """Aggregate group-neuron values (last dim) per group: ``sum``, ``mean``, ``amax``, ``amin``."""
-        shape = (*values.shape[:-1], len(self.groups))
-        out = torch.zeros(shape, dtype=values.dtype, device=values.device)
-        idx = self.group_index.expand_as(values)
-        return out.scatter_reduce_(-1, idx, values, reduce=reduce, include_self=False)
+        """Aggregate group-neuron values (last dim) per group: ``sum``, ``mean``, ``amax``, ``amin``.
+
+        Sums and means are one sparse matrix product; ``amax``/``amin`` one segment reduction
+        (groups are contiguous ranges of the group-neuron vector).
+        """
+        if reduce in ("sum", "mean"):
+            out = self._apply("groups", values, len(self.groups))
+            return out / self._group_sizes.to(values.dtype) if reduce == "mean" else out
+        if reduce not in ("amax", "amin"):
+            raise ValueError(f"Expected `reduce` to be one of sum, mean, amax, amin but got {reduce!r}")
+        lengths = self._group_sizes.expand(*values.shape[:-1], len(self.groups))
+        return torch.segment_reduce(values, "max" if reduce == "amax" else "min", lengths=lengths,
+                                    axis=values.dim() - 1, unsafe=True)
 
     def split(self, values: torch.Tensor) -> list[torch.Tensor]:
         """Split a group-neuron vector into one tensor per group."""

@@ -77,7 +77,14 @@ _TOL = 12
 # Last values of the continuous law (§2.2), the equilibrium Q* / angle / relaxation time (§2.4), the
 # RMSProp correspondence (§2.3), the radial share of adaptive updates and the metric charge (§2.1).
 (_NLD, _QSTAR, _ANGLE_STAR, _RELAX, _RMS_DECAY, _RMS_ACC, _RADIAL, _METRIC, _METRIC_PRED) = range(13, 22)
-_N_ROWS = 22
+# Rows that are per-group means over neurons, and (22..28) how many neurons each mean is over: the
+# weights that merge the ranks' means when the groups sit on FSDP row shards.
+_MEANS = [_EFF, _ANGLE, _RADIAL, _ANGLE_STAR, _RELAX, _RMS_DECAY, _RMS_ACC]
+_COUNTS = list(range(22, 29))
+_N_ROWS = 29
+# How the ranks' rows combine (row shards): maxima, and sums (every other row but the means)
+_MAX_ROWS = [_WIN_E, _WIN_B, _RUN_E, _BAD]
+_SUM_ROWS = [r for r in range(22) if r not in _MEANS and r not in _MAX_ROWS]
 # Per-neuron state of the continuous laws and equilibrium averages (NoetherTracker._dyn).
 _DYN_KEYS = ("nld", "nld_rate", "on", "ema_x", "ema_w")
 
@@ -189,6 +196,21 @@ class _Step:
     fresh: bool
 
 
+@dataclass
+class _Carry:
+    """What a tracked post-step read of θ_{t+1} and v_{t+1}, for the next pre-step (physics.md §3.3).
+
+    ``Q`` = B(θ, θ), ``P`` = B(θ, v) (momentum), ``T``/``S`` the linear sums of θ and v; ``key``
+    is every tensor's storage address and version counter when they were read.
+    """
+
+    step: int
+    key: tuple[Any, ...]
+    Q: Tensor
+    P: Tensor | None
+    linear: tuple[Tensor, Tensor | None] | None
+
+
 def _merge(out: Mapping[str, theory.StepTerms], family: Tensor) -> theory.StepTerms:
     """One StepTerms per reduction from the families present.
 
@@ -241,6 +263,7 @@ class _TheoryLayout:
     count: Tensor  # reductions feeding the neuron
     numel: Tensor  # parameter entries in the neuron (C of physics.md §2.4)
     linear_params: tuple[str, ...]
+    owned: Tensor | None  # bool: the neuron is on this rank (None: every neuron is, no sharding)
 
     @property
     def has_linear(self) -> bool:
@@ -262,8 +285,11 @@ class _TheoryLayout:
                 per_red[r.start : r.start + r.size] = params[p].numel() / r.size
         ones = torch.ones(lay.n_reductions, dtype=torch.float64, device=dev)
         lin_params = tuple(dict.fromkeys(m.param for g in lay.groups if g.linear for m in g.members))
+        # row shards (FSDP): the neurons of the other ranks get no reduction
+        owned = lay.neuron_counts > 0
         return cls(lay, [g.key for g in lay.groups], linear, scale, lay.to_groups(ones, unsigned=True),
-                   lay.to_groups(per_red.to(dev), unsigned=True), lin_params)
+                   lay.to_groups(per_red.to(dev), unsigned=True), lin_params,
+                   None if lay.covers_all else owned.to(dev))
 
 
 def _is_sharded(p: Tensor) -> bool:
@@ -272,6 +298,53 @@ def _is_sharded(p: Tensor) -> bool:
     if placements is not None:
         return any(type(pl).__name__ != "Replicate" for pl in placements)
     return bool(getattr(p, "_is_flat_param", False))
+
+
+def _local(t: Tensor | None) -> Tensor | None:
+    """The rank's own entries of a DTensor (its local shard, no copy); any other tensor as is."""
+    return t.to_local() if t is not None and hasattr(t, "placements") else t
+
+
+def _row_shard(p: Tensor) -> tuple[int, int] | None:
+    """Rows ``lo:hi`` (dim 0) of a parameter sharded by FSDP2 on dim 0 that this rank holds.
+
+    ``None`` for any other layout (FSDP1 flat parameters, other placements, meshes of several
+    dimensions). FSDP2 splits dim 0 as ``torch.chunk`` does: ⌈n / world⌉ rows per rank.
+    """
+    placements = getattr(p, "placements", None)
+    if placements is None or len(placements) != 1 or type(placements[0]).__name__ != "Shard" \
+            or placements[0].dim != 0 or p.dim() == 0:
+        return None
+    mesh = p.device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    n = p.shape[0]
+    per = -(-n // world)
+    lo = min(rank * per, n)
+    hi = min(lo + per, n)
+    return (lo, hi) if _local(p).shape[0] == hi - lo else None
+
+
+def _shard_group(g: SymmetryGroup, named: Mapping[str, Tensor]) -> SymmetryGroup | None:
+    """This rank's part of a group over FSDP2 row-sharded parameters, or ``None`` if it has none.
+
+    Supported: every member reduces dim 0 (one neuron per row, e.g. the rows of a layer feeding a
+    normalization and their bias), so each neuron lies whole on one rank. The group keeps its
+    global neuron count; the rank's members sit at its rows' offset and the other ranks' neurons
+    get no reduction. Groups that reduce another axis (a neuron spread over every shard) return
+    ``None``.
+    """
+    shards = set()
+    for m in g.members:
+        p = named.get(m.param)
+        rows = None if p is None else _row_shard(p)
+        if rows is None or m.axis is None or m.axis % p.dim() != 0 or m.blocks is not None or m.offset != 0 \
+                or p.shape[0] != g.n_neurons:
+            return None
+        shards.add(rows)
+    if len(shards) != 1:
+        return None
+    lo, _ = shards.pop()
+    return dataclasses.replace(g, members=tuple(dataclasses.replace(m, offset=lo) for m in g.members))
 
 
 _STEP_WRAPPER = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
@@ -363,6 +436,8 @@ class NoetherTracker:
         self.step = 0
         self.skipped_steps = 0
         self._sharded_warned = False
+        self._sharded = False  # some tracked group sits on FSDP2 row shards (per-rank partial sums)
+        self._process_group: Any = None
         # A subclass whose step() calls super().step() runs the hooks once per class: only the
         # outermost call is a step.
         self._may_nest = any("step" in vars(c) for c in type(optimizer).__mro__[1:]
@@ -379,6 +454,9 @@ class NoetherTracker:
         self._bad_warned = False
         self._coef_cache: tuple[Any, dict[str, Tensor]] | None = None
         self._pre_linear: tuple[Tensor, Tensor | None] | None = None
+        # θ_{t+1}-quantities of the last tracked step (Q, P, T, S) and the storages/versions they
+        # were read from: the next pre-hook reuses them while nothing touched those tensors
+        self._carry: _Carry | None = None
         self._theory_cache: _TheoryLayout | None = None
         self._dyn: dict[str, Tensor] = {}
         self._coef_groups: tuple[Any, dict[str, Tensor]] | None = None
@@ -408,19 +486,29 @@ class NoetherTracker:
         named = dict(self.model.named_parameters())
         in_opt = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         groups = []
-        sharded = sorted(n for n, p in named.items() if _is_sharded(p))
+        sharded = {n for n, p in named.items() if _is_sharded(p)}
+        left_out = 0
         for g in report.groups:
-            if any(m.param in sharded for m in g.members):
-                report.notes.append(f"{g.key}: sharded parameters (FSDP) are not tracked; left out")
-            elif all(m.param in named and id(named[m.param]) in in_opt for m in g.members):
-                groups.append(g)
-            else:
+            if not all(m.param in named and id(named[m.param]) in in_opt for m in g.members):
                 report.notes.append(f"{g.key}: not every parameter is updated by this optimizer; left out")
-        if sharded and not self._sharded_warned:
-            warnings.warn(f"NoetherTracker: {len(sharded)} parameters are sharded (FSDP/DTensor); their groups are "
-                          "not tracked (per-neuron sums across shards are not supported). Use DDP to monitor them.",
-                          stacklevel=2)
+            elif any(m.param in sharded for m in g.members):
+                local = _shard_group(g, named)
+                if local is None:
+                    left_out += 1
+                    report.notes.append(f"{g.key}: its neurons span the shards of sharded parameters (FSDP); "
+                                        "left out")
+                else:
+                    groups.append(local)
+            else:
+                groups.append(g)
+        if left_out and not self._sharded_warned:
+            warnings.warn(f"NoetherTracker: {left_out} group(s) over sharded parameters (FSDP) have neurons that "
+                          "span the shards and are not tracked; groups whose neurons are whole rows of dim-0 "
+                          "shards are (see the report's notes). Use DDP to monitor every group.", stacklevel=2)
             self._sharded_warned = True
+        self._sharded = any(m.param in sharded for g in groups for m in g.members)
+        self._process_group = next((named[m.param].device_mesh.get_group() for g in groups for m in g.members
+                                    if m.param in sharded), None)
         report = dataclasses.replace(report, groups=groups)
         self.report = report
         self._signature = self.parameter_signature()
@@ -432,8 +520,8 @@ class NoetherTracker:
                             type(self.model).__name__)
             return
         old_keys = [g.key for g in self.groups]
-        device = next(iter(self._params.values())).device
-        self.layout = ChargeLayout(groups, {n: p.shape for n, p in self._params.items()}, device,
+        device = _local(next(iter(self._params.values()))).device
+        self.layout = ChargeLayout(groups, {n: _local(p).shape for n, p in self._params.items()}, device,
                                    float64_accumulation=self.float64_accumulation)
         self._params = {n: named[n] for n in self.layout.params}
         u = torch.tensor([theory.unit_roundoff(p.dtype) for p in self._params.values()], dtype=torch.float64)
@@ -447,6 +535,7 @@ class NoetherTracker:
         self._started = bool(kept) and self._started
         self._coef_cache = None
         self._pre = None
+        self._carry = None
         for d in self.dashboards:
             d.expect(self)
             d.write_symmetries(report, self.step)
@@ -534,7 +623,7 @@ class NoetherTracker:
         old = self._theory_cache
         if old is not None and old.layout is lay:
             return old
-        info = _TheoryLayout.build(lay, self._params)
+        info = _TheoryLayout.build(lay, {n: _local(p) for n, p in self._params.items()})
         dyn = {k: torch.zeros(lay.n_neurons, dtype=torch.float64, device=lay.device) for k in _DYN_KEYS}
         if old is not None and self._dyn:
             where = {k: (o, g.n_neurons) for k, o, g in zip(old.keys, old.layout.group_offsets, old.layout.groups)}
@@ -547,44 +636,63 @@ class NoetherTracker:
         self._theory_cache = info
         return info
 
-    def _before_linear(self, optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tensor | None] | None:
-        """Pre-step sums of the linear charges: T_t = red(θ_t), and S_t = red(v_t) with momentum (§2.1)."""
-        if self.layout is None:
-            return None
+    def _linear_sums(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None],
+                     T: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
+        """Sums of the linear charges: T = red(θ) (unless given), and S = red(v) with momentum (§2.1)."""
         info = self._theory()
         if not info.has_linear:
             return None
-        T0 = self.layout.reduce({n: self._params[n].detach() for n in info.linear_params})
-        S0 = None
-        if self.opt_model.supported:
-            bufs = {n: self.opt_model.momentum_buffer(optimizer, self._params[n]) for n in info.linear_params}
-            if any(b is not None for b in bufs.values()):
-                S0 = self.layout.reduce(bufs)
-        return T0, S0
+        assert self.layout is not None
+        if T is None:
+            T = self.layout.reduce({n: theta[n] for n in info.linear_params})
+        lin_bufs = {n: bufs.get(n) for n in info.linear_params}
+        S = self.layout.reduce(lin_bufs) if any(b is not None for b in lin_bufs.values()) else None
+        return T, S
 
     # ------------------------------------------------------------------ hooks
     def _sampled(self, step: int) -> bool:
         return self.sample_every == 1 or step % self.sample_every == 0
 
-    def _fused_pairs(self, optimizer: torch.optim.Optimizer, *, pre: bool) -> list[tuple[Any, Any]]:
-        """The products the coming hook will ask for.
+    def _state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
+        """θ and the momentum buffers v (``None`` where there is none) of the tracked tensors."""
+        if self._sharded:
+            theta = {n: _local(p).detach() for n, p in self._params.items()}
+            bufs = {n: _local(self.opt_model.momentum_buffer(optimizer, p)) for n, p in self._params.items()}
+            return theta, bufs if self.opt_model.supported else {}
+        theta = {n: p.detach() for n, p in self._params.items()}
+        if not self.opt_model.supported:
+            return theta, {}
+        return theta, {n: self.opt_model.momentum_buffer(optimizer, p) for n, p in self._params.items()}
+
+    def _grads(self) -> dict[str, Tensor | None]:
+        if self._sharded:
+            return {n: _local(p.grad) for n, p in self._params.items()}
+        return {n: p.grad for n, p in self._params.items()}
+
+    @staticmethod
+    def _key(theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None]) -> tuple[Any, ...]:
+        # storage address and version counter: any in-place change (optimizer, user, a buffer reset)
+        # bumps the version or swaps the tensor; writes through `.data` are not seen
+        return tuple(None if t is None else (t.data_ptr(), t._version) for t in (*theta.values(), *bufs.values()))
+
+    def _fused_pairs(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None],
+                     optimizer: torch.optim.Optimizer, *, pre: bool, carry: bool = False) -> list[tuple[Any, Any]]:
+        """The products the coming hook will ask for (``carry``: and B(θ, v) for the next step).
 
         They are evaluated in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here
         is still computed when asked for.
         """
-        theta: dict[str, Tensor] = dict(self._params)
         pairs: list[tuple[Any, Any]] = [(theta, theta)]
         if not self.opt_model.supported:
             return pairs
-        bufs = {n: self.opt_model.momentum_buffer(optimizer, p) for n, p in theta.items()}
         momentum = any(b is not None for b in bufs.values())
         if pre:
             return pairs + [(theta, bufs)] if momentum else pairs
-        grads = {n: p.grad for n, p in theta.items()}
+        grads = self._grads()
         pairs.append((theta, grads))
         nesterov = any(g.get("nesterov", False) for g in optimizer.param_groups)
         if momentum:
-            pairs += [(bufs, grads), (bufs, bufs)] + ([(theta, bufs)] if nesterov else [])
+            pairs += [(bufs, grads), (bufs, bufs)] + ([(theta, bufs)] if nesterov or carry else [])
         if nesterov or not momentum:
             pairs.append((grads, grads))
         return pairs
@@ -595,9 +703,16 @@ class NoetherTracker:
             return
         if self.layout is None or not self._sampled(self.step + 1):
             return  # an unsampled step (sample_every) reads nothing
-        self.layout.prefetch(self._fused_pairs(optimizer, pre=True))
+        theta, bufs = self._state(optimizer)
+        carry, self._carry = self._carry, None
+        if carry is not None and carry.step == self.step and carry.key == self._key(theta, bufs):
+            # θ_t and v_t are what the last post-step read: its sums are this step's (no reads)
+            self._pre = (carry.Q, carry.P, {n: b is None for n, b in bufs.items()})
+            self._pre_linear = carry.linear
+            return
+        self.layout.prefetch(self._fused_pairs(theta, bufs, optimizer, pre=True))
         try:
-            self._pre_step(optimizer)
+            self._pre_step(theta, bufs)
         finally:
             self.layout.forget()
 
@@ -616,29 +731,26 @@ class NoetherTracker:
         gap = self.step + 1 - self._last_tracked if self._last_tracked is not None else 1
         self._span = gap if self.sample_every > 1 and gap == self.sample_every else 1
         self._last_tracked = self.step + 1
-        self.layout.prefetch(self._fused_pairs(optimizer, pre=False))
+        theta, bufs = self._state(optimizer)
+        carry = self._sampled(self.step + 2)  # the next step is tracked: keep this one's θ-sums
+        self.layout.prefetch(self._fused_pairs(theta, bufs, optimizer, pre=False, carry=carry))
         try:
-            self._post_step(optimizer)
+            self._post_step(optimizer, theta, bufs, carry=carry)
         finally:
             if self.layout is not None:
                 self.layout.forget()
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.layout is None:
-            return
-        theta = {n: p.detach() for n, p in self._params.items()}
+    def _pre_step(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None]) -> None:
+        assert self.layout is not None
         Q0 = self.layout.reduce(theta, theta)
-        P0, first = None, {}
-        if self.opt_model.supported:
-            bufs = {n: self.opt_model.momentum_buffer(optimizer, p) for n, p in self._params.items()}
-            first = {n: b is None for n, b in bufs.items()}
-            if any(b is not None for b in bufs.values()):
-                P0 = self.layout.reduce(theta, bufs)
+        P0 = self.layout.reduce(theta, bufs) if any(b is not None for b in bufs.values()) else None
+        first = {n: b is None for n, b in bufs.items()} if self.opt_model.supported else {}
         self._pre = (Q0, P0, first)
-        self._pre_linear = self._before_linear(optimizer)
+        self._pre_linear = self._linear_sums(theta, bufs)
 
-    def _post_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.layout is None or self._pre is None:
+    def _post_step(self, optimizer: torch.optim.Optimizer, theta: Mapping[str, Tensor] | None = None,
+                   bufs: Mapping[str, Tensor | None] | None = None, *, carry: bool = False) -> None:
+        if self.layout is None or self._pre is None or theta is None or bufs is None:
             # no groups yet, or they were set inside this step (Lightning's first closure): the
             # step is counted, tracking starts with the next one
             self.step += 1
@@ -646,21 +758,25 @@ class NoetherTracker:
         Q0, P0, first = self._pre
         self._pre = None
         lay = self.layout
-        theta = {n: p.detach() for n, p in self._params.items()}
         Q1 = lay.reduce(theta, theta)
         if self.opt_model.supported:
-            grads = {n: p.grad for n, p in self._params.items()}
-            terms = self._terms(optimizer, Q0, Q1, P0, first, theta, grads)
+            grads = self._grads()
+            terms = self._terms(optimizer, Q0, Q1, P0, first, theta, grads, bufs)
         else:
             terms = None
+        T1 = terms.T1 if terms is not None else None
         self._accumulate(Q0, Q1, terms)
+        if carry and self.layout is lay:
+            P1 = lay.reduce(theta, bufs) if any(b is not None for b in bufs.values()) else None
+            linear = self._linear_sums(theta, bufs, T1)
+            self._carry = _Carry(self.step + 1, self._key(theta, bufs), Q1, P1, linear)
         self.step += 1
         if self.schedule(self.step):
             self.flush()
 
     def _terms(self, optimizer: torch.optim.Optimizer, Q0: Tensor, Q1: Tensor, P0: Tensor | None,
-               first: Mapping[str, bool], theta: Mapping[str, Tensor],
-               grads: Mapping[str, Tensor | None]) -> _Step:
+               first: Mapping[str, bool], theta: Mapping[str, Tensor], grads: Mapping[str, Tensor | None],
+               state_bufs: Mapping[str, Tensor | None]) -> _Step:
         """Every exact identity of physics.md §2.1 for this step, per reduction neuron.
 
         One batched evaluation per optimizer family present, merged per tensor.
@@ -674,10 +790,14 @@ class NoetherTracker:
         families = {hyp[n].family for n in self._params}
         sign, lr, fam = coef["sign"], coef["lr"], coef["family"]
         zeros = torch.zeros_like(Q0)
-        bufs: dict[str, Tensor | None] = {}
-        if families & {"heavy_ball", "nesterov", "sgdw"}:
-            bufs = {n: self.opt_model.momentum_buffer(optimizer, p) for n, p in self._params.items()}
-        adaptive = adaptive_tensors(optimizer, self._params, hyp, grads) if "adam" in families else None
+        bufs = state_bufs if families & {"heavy_ball", "nesterov", "sgdw"} else {}
+        adaptive = None
+        if "adam" in families:
+            adaptive = adaptive_tensors(optimizer, self._params, hyp, {n: p.grad for n, p in self._params.items()})
+            if self._sharded:
+                adaptive = dataclasses.replace(adaptive, **{f: None if getattr(adaptive, f) is None else
+                                                           {n: _local(t) for n, t in getattr(adaptive, f).items()}
+                                                           for f in ("update", "metric", "drive")})
         quad: dict[str, theory.StepTerms] = {}
         G = K = UU = None
         metric = None
@@ -779,7 +899,7 @@ class NoetherTracker:
             if terms is not None and terms.T1 is not None:
                 T1 = terms.T1
             else:
-                T1 = lay.reduce({n: p.detach() for n, p in self._params.items() if n in info.linear_params})
+                T1 = lay.reduce({n: _local(p).detach() for n, p in self._params.items() if n in info.linear_params})
             signed += [lin_pre[0] if lin_pre is not None else T1, T1]
         parts: list[tuple[theory.StepTerms, Tensor]] = []
         if terms is not None:
@@ -868,17 +988,27 @@ class NoetherTracker:
                 metric_pred = torch.where(info.linear, nan, metric[1])
         # A non-finite step (NaN/inf gradient) is marked invalid and kept out of the accumulators,
         # without a host sync: the decision is a device-side mask.
-        ok = torch.isfinite(obs).all() & (torch.isfinite(e).all() | (terms is None))
-        g_e, g_b = lay.per_group(torch.stack([e.abs(), b.abs()]), "amax").unbind()
-        sums = lay.per_group(torch.stack([q1, pred, tol, obs, sym, brk, nld, qstar, metric_charge, metric_pred]))
-        means = self._finite_mean(torch.stack([eff, angle, radial, angle_star, relax, rms, rms_acc]))
+        extremes = torch.stack([e.abs(), b.abs()])
+        summed = torch.stack([q1, pred, tol, obs, sym, brk, nld, qstar, metric_charge, metric_pred])
+        averaged = torch.stack([eff, angle, radial, angle_star, relax, rms, rms_acc])
+        checked = torch.stack([obs, e]) if terms is not None else obs
+        if info.owned is not None:  # another rank's neurons: neutral in every per-group statistic
+            extremes = torch.where(info.owned, extremes, 0.0)
+            summed = torch.where(info.owned, summed, 0.0)
+            averaged = torch.where(info.owned, averaged, torch.nan)
+            checked = torch.where(info.owned, checked, 0.0)
+        ok = torch.isfinite(checked).all()
+        g_e, g_b = lay.per_group(extremes, "amax").unbind()
+        sums = lay.per_group(summed)
+        means, counts = self._finite_mean(averaged)
         new = acc.clone()
         new[_WIN_E] = torch.fmax(acc[_WIN_E], g_e)
         new[_WIN_B] = torch.fmax(acc[_WIN_B], g_b)
         new[_RUN_E] = torch.fmax(acc[_RUN_E], g_e)
         new[[_CHARGE, _PRED, _TOL, _NLD, _QSTAR, _METRIC, _METRIC_PRED]] = sums[[0, 1, 2, 6, 7, 8, 9]]
         new[[_SUM_OBS, _SUM_SYM, _SUM_BRK]] = acc[[_SUM_OBS, _SUM_SYM, _SUM_BRK]] + sums[3:6]
-        new[[_EFF, _ANGLE, _RADIAL, _ANGLE_STAR, _RELAX, _RMS_DECAY, _RMS_ACC]] = means
+        new[_MEANS] = means
+        new[_COUNTS] = counts
         acc.copy_(torch.where(ok, new, acc))  # an invalid step leaves every row as it was ...
         acc[_BAD] += (~ok).to(acc.dtype)  # ... and is counted
         for k, v in new_dyn.items():
@@ -896,19 +1026,20 @@ class NoetherTracker:
             self.skipped_steps += step - self.step
             self.step = step
 
-    def _finite_mean(self, values: Tensor) -> Tensor:
-        """Per-group mean over the neurons with a finite value (NaN where there is none)."""
+    def _finite_mean(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-group mean over the neurons with a finite value (NaN where there is none), and their count."""
         assert self.layout is not None
         ok = torch.isfinite(values)
-        total = self.layout.per_group(torch.where(ok, values, torch.zeros_like(values)))
-        return total / self.layout.per_group(ok.to(values.dtype))
+        sums = self.layout.per_group(torch.cat([torch.where(ok, values, 0.0), ok.to(values.dtype)]))
+        total, count = sums.split(values.shape[0])
+        return total / count, count
 
     # ------------------------------------------------------------------ logging
     def metrics(self, acc: Sequence[Sequence[float]] | None = None) -> dict[str, float]:
         """Flat ``{tag: value}`` of the accumulators (one host transfer when ``acc`` is None)."""
         if self.layout is None or self._acc is None:
             return {}
-        vals = self._acc.cpu().tolist() if acc is None else acc
+        vals = self._global_acc().cpu().tolist() if acc is None else acc
         out: dict[str, float] = {}
         predicted = self.opt_model.supported
         for i, g in enumerate(self.layout.groups):
@@ -938,12 +1069,13 @@ class NoetherTracker:
         if self._acc is None:
             return {}
         hist = self._histograms_on_device() if self.dashboards else None
+        acc = self._global_acc()
         if hist is None:
-            vals, hist_rows = self._acc.cpu().tolist(), None
+            vals, hist_rows = acc.cpu().tolist(), None
         else:  # the histogram counts join the accumulators' one transfer
-            flat = torch.cat([self._acc.reshape(-1), hist.reshape(-1)]).cpu()
-            vals = flat[: self._acc.numel()].view(self._acc.shape).tolist()
-            hist_rows = flat[self._acc.numel() :].view(hist.shape).tolist()
+            flat = torch.cat([acc.reshape(-1), hist.reshape(-1)]).cpu()
+            vals = flat[: acc.numel()].view(acc.shape).tolist()
+            hist_rows = flat[acc.numel() :].view(hist.shape).tolist()
         m = self.metrics(vals)
         bad = vals[_BAD][0] if vals[_BAD] else 0.0
         if bad and not self._bad_warned:
@@ -963,14 +1095,39 @@ class NoetherTracker:
             d.write(self, m, hists, self.step)
         return m
 
+    def _global_acc(self) -> Tensor:
+        """The accumulators over every rank's neurons.
+
+        Without row shards every rank holds them all: this rank's. With groups on FSDP row shards
+        each rank holds its neurons' partial rows; one ``all_gather`` (the logging step's only
+        collective; every rank logs on the same steps) brings them together: sums add, maxima take
+        the largest, means are weighted by their neuron counts.
+        """
+        acc = self._acc
+        assert acc is not None
+        if not self._sharded or self._process_group is None:
+            return acc
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(acc) for _ in range(dist.get_world_size(self._process_group))]
+        dist.all_gather(parts, acc.contiguous(), group=self._process_group)
+        ranks = torch.stack(parts)
+        out = acc.clone()
+        out[_SUM_ROWS] = ranks[:, _SUM_ROWS].sum(0)
+        out[_MAX_ROWS] = ranks[:, _MAX_ROWS].amax(0)
+        count = ranks[:, _COUNTS]
+        out[_MEANS] = torch.where(count > 0, ranks[:, _MEANS] * count, 0.0).sum(0) / count.sum(0)
+        out[_COUNTS] = count.sum(0)
+        return out
+
     def _histograms_on_device(self) -> Tensor | None:
         """The last step's per-neuron charges and effective learning rates, binned on the device.
 
         Shape ``(2, G, 5 + bins)`` (see :func:`~nld_callbacks.tensorboard.bin_on_device`).
         """
         lay, last = self.layout, self.last
-        if lay is None or last is None or last.charge.numel() != lay.n_neurons:
-            return None
+        if lay is None or last is None or last.charge.numel() != lay.n_neurons or self._sharded:
+            return None  # row shards: each rank holds some neurons; no per-neuron histogram
         n = len(lay.groups)
         return torch.stack([bin_on_device(last.charge, lay.group_index, n, self.histogram_bins),
                             bin_on_device(last.effective_lr, lay.group_index, n, self.histogram_bins)])
@@ -991,10 +1148,11 @@ class NoetherTracker:
         Charge at start and now, observed and predicted total change, the breaking part, largest
         |e|, last effective learning rate, the continuous law's charge (``charge_nld``) and the
         predicted equilibrium charge (``equilibrium``, scale groups; NaN where no law applies).
+        With groups on FSDP row shards it is a collective: call it on every rank.
         """
         if self.layout is None or self._acc is None:
             return []
-        vals = self._acc.cpu().tolist()
+        vals = self._global_acc().cpu().tolist()
         rows = []
         for i, g in enumerate(self.layout.groups):
             rows.append({
@@ -1010,7 +1168,11 @@ class NoetherTracker:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything the predictions need to resume: groups, step count, accumulators."""
+        """Everything the predictions need to resume: groups, step count, accumulators.
+
+        With groups on FSDP row shards the state is this rank's (its neurons' partial rows and
+        laws): save and restore it per rank.
+        """
         return {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
@@ -1031,7 +1193,9 @@ class NoetherTracker:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("acc") is not None and self.layout is not None:
-            self._acc = state["acc"].to(self.layout.device, torch.float64).clone()
+            acc = state["acc"].to(self.layout.device, torch.float64)
+            pad = acc.new_zeros(_N_ROWS - acc.shape[0], acc.shape[1])  # a state saved before the count rows
+            self._acc = torch.cat([acc, pad])
         self._started = bool(state.get("started", False))
         if state.get("dynamics") and self.layout is not None:
             self._theory()

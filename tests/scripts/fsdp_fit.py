@@ -1,6 +1,11 @@
-"""FSDP2 (fully_shard) on CPU with gloo, two processes: sharded groups are left out with one
-warning, training goes on (launched by tests/test_distributed.py). Usage: fsdp_fit.py OUTDIR PORT"""
+"""FSDP2 (fully_shard) on CPU with gloo, two processes (launched by tests/test_distributed.py).
 
+Each rank trains the sharded model and, beside it, an unsharded copy with the same start, data and
+optimizer under its own tracker: the reference the sharded tracker's logs are compared with. The
+script counts the tracker's collectives. Usage: fsdp_fit.py OUTDIR PORT
+"""
+
+import copy
 import json
 import os
 import sys
@@ -15,6 +20,8 @@ from torch import nn
 from nld_callbacks import NoetherTracker, find_symmetries
 from nld_callbacks.testing import MLPBN, synthetic_classification
 
+STEPS, EVERY = 6, 2
+
 
 def run(rank: int, out: Path, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -22,22 +29,47 @@ def run(rank: int, out: Path, port: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    model = MLPBN()
+    model = MLPBN(hidden=(33, 16))  # 33 rows: an uneven split (17 + 16)
+    reference = copy.deepcopy(model)
     x, y = synthetic_classification(n=64)
     report = find_symmetries(model, x)
     fully_shard(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    gathers = [0]
+    all_gather = dist.all_gather
+
+    def counted(*args, **kwargs):
+        gathers[0] += 1
+        return all_gather(*args, **kwargs)
+
+    dist.all_gather = counted
+
+    def optimizer(m):
+        return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    opt, ref_opt = optimizer(model), optimizer(reference)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        tracker = NoetherTracker(model, opt, report, log_every_n_steps=2)
-    for _ in range(4):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+        tracker = NoetherTracker(model, opt, report, log_every_n_steps=EVERY)
+    ref_tracker = NoetherTracker(reference, ref_opt, report, log_every_n_steps=EVERY)
+    per_step = []
+    for _ in range(STEPS):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+        per_step.append(gathers[0])
+    summary = tracker.summary()
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
     (out / f"rank{rank}.json").write_text(json.dumps({
         "warnings": [str(w.message) for w in rec if "sharded" in str(w.message)],
         "groups": [g.key for g in tracker.groups], "found": [g.key for g in report.groups],
-        "notes": tracker.report.notes, "step": tracker.step}))
+        "notes": tracker.report.notes, "step": tracker.step,
+        "logged": tracker.logged, "reference": ref_tracker.logged,
+        "summary": summary, "reference_summary": ref_tracker.summary(),
+        "gathers_after_each_step": per_step,
+        "max_param_difference": max((full[n] - p).abs().max().item() for n, p in reference.named_parameters()),
+    }))
     dist.destroy_process_group()
 
 
