@@ -190,6 +190,45 @@ def test_found_groups_track_a_plain_loop_in_float32():
         assert abs(m["nld/scale/fc1/charge"] - m["nld/scale/fc1/predicted"]) < 1e-3 * m["nld/scale/fc1/charge"]
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_pre_step_sums_are_carried_unless_the_tensors_changed(momentum):
+    """Between tracked steps the pre-hook reuses what the post-hook read of θ_{t+1} (and v_{t+1});
+    an in-place change between steps (here a rescale of every weight and buffer) makes it read
+    again, so the identity still closes at the float32 floor (a stale Q_t would leave |e| ≫ 1)."""
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64)
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4)
+    logged = []
+    tracker = NoetherTracker(model, opt, example_input=x, writer=lambda m, s: logged.append(m), log_every_n_steps=1)
+    reads = []
+    prefetch = tracker.layout.prefetch
+    tracker.layout.prefetch = lambda pairs: reads.append(len(pairs)) or prefetch(pairs)
+
+    def step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(4):
+        step()
+    assert len(reads) == 1 + 4  # the first pre-hook reads; later ones reuse the post-hook's sums
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+        for st in opt.state.values():
+            if "momentum_buffer" in st:
+                st["momentum_buffer"].mul_(0.5)
+    step()
+    assert len(reads) == 5 + 2  # the change was seen: pre and post both read
+    step()
+    assert len(reads) == 7 + 1
+    for m in logged:
+        for k, v in m.items():
+            if k.endswith("/residual"):
+                assert v < 4.0, (k, v)
+
+
 def test_hooks_never_change_training():
     def run(track):
         torch.manual_seed(0)
