@@ -85,6 +85,12 @@ _N_ROWS = 29
 # How the ranks' rows combine (row shards): maxima, and sums (every other row but the means)
 _MAX_ROWS = [_WIN_E, _WIN_B, _RUN_E, _BAD]
 _SUM_ROWS = [r for r in range(22) if r not in _MEANS and r not in _MAX_ROWS]
+# The rows one tracked step writes, in the order NoetherTracker._accumulate assembles them:
+# window and run maxima, last values, running sums, means (measured, then constant) and counts.
+_EXTREMES = [_WIN_E, _WIN_B, _RUN_E]
+_MEAN_ORDER = [_EFF, _ANGLE, _RADIAL, _RMS_ACC, _ANGLE_STAR, _RELAX, _RMS_DECAY]
+_UPDATE = (_EXTREMES + [_CHARGE, _PRED, _TOL, _NLD, _QSTAR, _METRIC, _METRIC_PRED, _SUM_OBS, _SUM_SYM, _SUM_BRK]
+           + _MEAN_ORDER + [_COUNTS[_MEANS.index(r)] for r in _MEAN_ORDER])
 # Per-neuron state of the continuous laws and equilibrium averages (NoetherTracker._dyn).
 _DYN_KEYS = ("nld", "nld_rate", "on", "ema_x", "ema_w")
 
@@ -527,6 +533,8 @@ class NoetherTracker:
         u = torch.tensor([theory.unit_roundoff(p.dtype) for p in self._params.values()], dtype=torch.float64)
         self._unit_r = u.to(device).index_select(0, self.layout.param_of_reduction)
         acc = torch.zeros(_N_ROWS, len(groups), dtype=torch.float64, device=device)
+        self._update_rows = torch.tensor(_UPDATE, device=device)
+        self._extreme_rows = torch.tensor(_EXTREMES, device=device)
         kept = [(i, old_keys.index(g.key)) for i, g in enumerate(groups) if g.key in old_keys]
         if self._acc is not None and kept:
             new_i, old_i = (torch.tensor(v, device=device) for v in zip(*kept))
@@ -659,7 +667,7 @@ class NoetherTracker:
             theta = {n: _local(p).detach() for n, p in self._params.items()}
             bufs = {n: _local(self.opt_model.momentum_buffer(optimizer, p)) for n, p in self._params.items()}
             return theta, bufs if self.opt_model.supported else {}
-        theta = {n: p.detach() for n, p in self._params.items()}
+        theta = dict(self._params)  # the parameters themselves: the hooks run under no_grad
         if not self.opt_model.supported:
             return theta, {}
         return theta, {n: self.opt_model.momentum_buffer(optimizer, p) for n, p in self._params.items()}
@@ -884,8 +892,20 @@ class NoetherTracker:
         k = len(names)
         out["prop"] = torch.where(info.linear, g[k + 6 : k + 12], g[k : k + 6])
         out["rms_decay"] = torch.where(info.scale, out["rms_decay"], torch.nan)
+        out["rmsprop"] = torch.isfinite(out["rms_decay"])
+        # per-group means of the constants (equilibrium angle, relaxation time, RMSProp decay)
+        const = torch.stack([out["eq_angle"], out["relax"], out["rms_decay"]])
+        if info.owned is not None:
+            const = torch.where(info.owned, const, torch.nan)
+        out["means"] = self._finite_mean(const)
         self._coef_groups = (coef, out)
         return out
+
+    def _no_means(self) -> tuple[Tensor, Tensor]:
+        """The constant means' rows when nothing is predicted: absent, over no neuron."""
+        assert self._acc is not None
+        n = self._acc.shape[1]
+        return self._acc.new_full((3, n), float("nan")), self._acc.new_zeros(3, n)
 
     def _accumulate(self, Q0: Tensor, Q1: Tensor, terms: _Step | None) -> None:
         lay, acc = self.layout, self._acc
@@ -923,20 +943,20 @@ class NoetherTracker:
             self._started = True
         dyn = self._dyn
         new_dyn = dict(dyn)
-        metric_charge = metric_pred = radial = nld = qstar = angle_star = relax = rms = rms_acc = nan
+        metric_charge = metric_pred = radial = nld = qstar = rms_acc = nan
         if terms is None:
             obs = q1 - q0
             pred = sym = brk = r = b = e = eff = angle = tol = nan
         else:
             U = iter(lay.to_groups(torch.stack(unsigned), unsigned=True).unbind())
-            obs = sym = brk = force = coeff = scale_terms = step_sq = quad_force = nan
-            for t, mask in parts:
-                o, s, br, f, c, te, ss = next(S), next(S), next(S), next(S), next(U), next(U), next(U)
-                obs, sym, brk, force = (torch.where(mask, x, y) for x, y in ((o, obs), (s, sym), (br, brk), (f, force)))
-                coeff, scale_terms, step_sq = (torch.where(mask, x, y)
-                                               for x, y in ((c, coeff), (te, scale_terms), (ss, step_sq)))
-                if t is terms.quad:
-                    quad_force = f
+            # quadratic and linear charges sit on disjoint neurons: each neuron takes its kind's terms
+            split = [(next(S), next(S), next(S), next(S), next(U), next(U), next(U)) for _ in parts]
+            if len(split) == 1:
+                obs, sym, brk, force, coeff, scale_terms, step_sq = split[0]
+            else:
+                obs, sym, brk, force, coeff, scale_terms, step_sq = (
+                    torch.where(info.linear, lin, quad) for quad, lin in zip(*split))
+            quad_force = split[0][3] if terms.quad is not None else nan
             drive_g, eq_drive_g = next(S), next(S)
             UU = next(S) if terms.UU is not None else None
             metric = (next(S), next(S)) if terms.metric is not None else None
@@ -979,8 +999,7 @@ class NoetherTracker:
             ema_w = (1.0 - alpha) * dyn["ema_w"] + alpha
             new_dyn.update(ema_x=ema_x, ema_w=ema_w)
             qstar = torch.where(info.scale, (cg["eq_coef"] * ema_x / ema_w).sqrt(), nan)
-            angle_star, relax, rms = cg["eq_angle"], cg["relax"], cg["rms_decay"]
-            rms_acc = torch.where(torch.isfinite(rms), q1 * q1, nan)  # §2.3: |w|⁴ = Q²
+            rms_acc = torch.where(cg["rmsprop"], q1 * q1, nan)  # §2.3: |w|⁴ = Q²
             if UU is not None:
                 radial = torch.where(adaptive & info.scale, quad_force / (q0 * UU).clamp_min(0).sqrt(), nan)
             if metric is not None:
@@ -988,9 +1007,10 @@ class NoetherTracker:
                 metric_pred = torch.where(info.linear, nan, metric[1])
         # A non-finite step (NaN/inf gradient) is marked invalid and kept out of the accumulators,
         # without a host sync: the decision is a device-side mask.
-        extremes = torch.stack([e.abs(), b.abs()])
-        summed = torch.stack([q1, pred, tol, obs, sym, brk, nld, qstar, metric_charge, metric_pred])
-        averaged = torch.stack([eff, angle, radial, angle_star, relax, rms, rms_acc])
+        e_abs = e.abs()
+        extremes = torch.stack([e_abs, b.abs(), e_abs])
+        summed = torch.stack([q1, pred, tol, nld, qstar, metric_charge, metric_pred, obs, sym, brk])
+        averaged = torch.stack([eff, angle, radial, rms_acc])
         checked = torch.stack([obs, e]) if terms is not None else obs
         if info.owned is not None:  # another rank's neurons: neutral in every per-group statistic
             extremes = torch.where(info.owned, extremes, 0.0)
@@ -998,17 +1018,13 @@ class NoetherTracker:
             averaged = torch.where(info.owned, averaged, torch.nan)
             checked = torch.where(info.owned, checked, 0.0)
         ok = torch.isfinite(checked).all()
-        g_e, g_b = lay.per_group(extremes, "amax").unbind()
         sums = lay.per_group(summed)
         means, counts = self._finite_mean(averaged)
-        new = acc.clone()
-        new[_WIN_E] = torch.fmax(acc[_WIN_E], g_e)
-        new[_WIN_B] = torch.fmax(acc[_WIN_B], g_b)
-        new[_RUN_E] = torch.fmax(acc[_RUN_E], g_e)
-        new[[_CHARGE, _PRED, _TOL, _NLD, _QSTAR, _METRIC, _METRIC_PRED]] = sums[[0, 1, 2, 6, 7, 8, 9]]
-        new[[_SUM_OBS, _SUM_SYM, _SUM_BRK]] = acc[[_SUM_OBS, _SUM_SYM, _SUM_BRK]] + sums[3:6]
-        new[_MEANS] = means
-        new[_COUNTS] = counts
+        const, const_counts = self._group_coefficients(terms.coef)["means"] if terms is not None else self._no_means()
+        # every row in one write (_UPDATE order); _START and _BAD are kept
+        new = acc.index_copy(0, self._update_rows, torch.cat([
+            torch.fmax(acc.index_select(0, self._extreme_rows), lay.per_group(extremes, "amax")),
+            sums[:7], acc[_SUM_OBS : _SUM_BRK + 1] + sums[7:], means, const, counts, const_counts]))
         acc.copy_(torch.where(ok, new, acc))  # an invalid step leaves every row as it was ...
         acc[_BAD] += (~ok).to(acc.dtype)  # ... and is counted
         for k, v in new_dyn.items():
