@@ -124,9 +124,11 @@ class StepRecord:
     radial_update: Tensor | None = None
 
 
-# Per-reduction coefficient rows of NoetherTracker._coefficients (then 6 + 6 propagator rows).
+# Per-reduction coefficient rows of NoetherTracker._coefficients (then 6 + 6 propagator rows); the
+# first eight are what the per-step identities read.
 _COEF_ROWS = ("lr", "wd", "momentum", "c", "sign", "decay", "family", "metric", "eff_factor", "adaptive",
               "eq_coef", "eq_numel", "eq_angle", "relax", "rms_decay")
+_STEP_ROWS = _COEF_ROWS[:8]
 _FAMILY_CODE = {"sgd": 0.0, "heavy_ball": 1.0, "nesterov": 2.0, "sgdw": 3.0, "adam": 4.0}
 
 
@@ -306,7 +308,7 @@ def _is_sharded(p: Tensor) -> bool:
     return bool(getattr(p, "_is_flat_param", False))
 
 
-def _local(t: Tensor | None) -> Tensor | None:
+def _local(t: Any) -> Any:
     """The rank's own entries of a DTensor (its local shard, no copy); any other tensor as is."""
     return t.to_local() if t is not None and hasattr(t, "placements") else t
 
@@ -321,13 +323,18 @@ def _row_shard(p: Tensor) -> tuple[int, int] | None:
     if placements is None or len(placements) != 1 or type(placements[0]).__name__ != "Shard" \
             or placements[0].dim != 0 or p.dim() == 0:
         return None
-    mesh = p.device_mesh
+    mesh = p.device_mesh  # type: ignore[attr-defined]
     world, rank = mesh.size(), mesh.get_local_rank()
     n = p.shape[0]
     per = -(-n // world)
     lo = min(rank * per, n)
     hi = min(lo + per, n)
     return (lo, hi) if _local(p).shape[0] == hi - lo else None
+
+
+def _local_mesh_group(p: Any) -> Any:
+    """The process group of a DTensor parameter's (1-D) device mesh."""
+    return p.device_mesh.get_group()
 
 
 def _shard_group(g: SymmetryGroup, named: Mapping[str, Tensor]) -> SymmetryGroup | None:
@@ -374,6 +381,18 @@ def _nested_step(optimizer: torch.optim.Optimizer) -> bool:
 
 class NoetherTracker:
     """Measure Noether charges at every optimizer step and compare them with the exact identities.
+
+    Between two tracked steps the pre-hook reads nothing: θ_t and v_t are what the previous
+    post-hook read as θ_{t+1} and v_{t+1}, and their sums are reused while every tensor's storage
+    and version counter are unchanged (any in-place change in between makes the pre-hook read
+    again; writes through ``.data`` are not seen).
+
+    Sharded parameters (FSDP2's ``fully_shard``, dim-0 shards): a group whose neurons are whole
+    rows of the shards (a layer's rows and bias feeding a normalization) is evaluated by each rank
+    on its own rows, and the ranks' accumulators are merged by one ``all_gather`` per logging step
+    (every rank must step the tracker on the same steps); :meth:`summary` is then a collective
+    too, and :meth:`state_dict` is per rank. Groups whose neurons span the shards are left out,
+    with a note in the report and one warning.
 
     Args:
         model: the network whose parameters the optimizer updates.
@@ -465,7 +484,6 @@ class NoetherTracker:
         self._carry: _Carry | None = None
         self._theory_cache: _TheoryLayout | None = None
         self._dyn: dict[str, Tensor] = {}
-        self._coef_groups: tuple[Any, dict[str, Tensor]] | None = None
         #: where the dashboard goes (layout, text panel, histograms): the writer itself when it is a
         #: SummaryWriter; the Lightning callback adds its loggers' experiments
         self.dashboards: list[Dashboard] = [Dashboard(writer)] if Dashboard.supports(writer) else []
@@ -513,7 +531,7 @@ class NoetherTracker:
                           "shards are (see the report's notes). Use DDP to monitor every group.", stacklevel=2)
             self._sharded_warned = True
         self._sharded = any(m.param in sharded for g in groups for m in g.members)
-        self._process_group = next((named[m.param].device_mesh.get_group() for g in groups for m in g.members
+        self._process_group = next((_local_mesh_group(named[m.param]) for g in groups for m in g.members
                                     if m.param in sharded), None)
         report = dataclasses.replace(report, groups=groups)
         self.report = report
@@ -595,7 +613,7 @@ class NoetherTracker:
         return {n: hyp[pg_of[id(p)]] for n, p in self._params.items()}
 
     def _coefficients(self, hyp: Mapping[str, Hyper], first: Mapping[str, bool],
-                      active: Mapping[str, bool]) -> dict[str, Tensor]:
+                      active: Mapping[str, bool]) -> dict[str, Any]:
         """Per-reduction float64 vectors of every hyperparameter-derived coefficient.
 
         η, λ, β, c_t, the sign of ``maximize``, the NLD propagators, the equilibrium coefficients:
@@ -614,9 +632,10 @@ class NoetherTracker:
             host = host.pin_memory()
         per_param = host.to(self.layout.device, non_blocking=True)
         vals = per_param.index_select(1, self.layout.param_of_reduction)
-        coef = {name: vals[i] for i, name in enumerate(_COEF_ROWS)}
-        coef["prop"] = vals[len(_COEF_ROWS) : len(_COEF_ROWS) + 6]
-        coef["prop_linear"] = vals[len(_COEF_ROWS) + 6 :]
+        # kept per reduction: what the step identities read; the rest is needed per group neuron only
+        kept = vals[: len(_STEP_ROWS)].clone()
+        coef: dict[str, Any] = {name: kept[i] for i, name in enumerate(_STEP_ROWS)}
+        coef["groups"] = self._group_coefficients(dict(zip(_COEF_ROWS, vals)), vals[len(_COEF_ROWS) :])
         self._coef_cache = (key, coef)
         return coef
 
@@ -879,14 +898,15 @@ class NoetherTracker:
         return _Step(quad=_merge(quad, fam) if quad else None, linear=lin, T1=T1, abs1=A1, coef=coef, drive=drive,
                      eq_drive=eq_drive, UU=UU, metric=metric, fresh=all(first.values()) if first else True)
 
-    def _group_coefficients(self, coef: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Group-neuron means of the per-reduction coefficients: one mapping per coefficient change."""
-        if self._coef_groups is not None and self._coef_groups[0] is coef:
-            return self._coef_groups[1]
+    def _group_coefficients(self, coef: Mapping[str, Tensor], prop: Tensor) -> dict[str, Tensor]:
+        """Group-neuron means of the per-reduction coefficients (once per coefficient change).
+
+        ``prop``: the 6 + 6 propagator rows (quadratic, linear charges).
+        """
         lay, info = self.layout, self._theory()
         assert lay is not None
         names = ("adaptive", "eff_factor", "eq_numel", "relax", "eq_coef", "eq_angle", "rms_decay")
-        rows = torch.cat([torch.stack([coef[n] for n in names]), coef["prop"], coef["prop_linear"]])
+        rows = torch.cat([torch.stack([coef[n] for n in names]), prop])
         g = lay.to_groups(rows, unsigned=True) / info.count
         out = dict(zip(names, g[: len(names)]))
         k = len(names)
@@ -898,7 +918,6 @@ class NoetherTracker:
         if info.owned is not None:
             const = torch.where(info.owned, const, torch.nan)
         out["means"] = self._finite_mean(const)
-        self._coef_groups = (coef, out)
         return out
 
     def _no_means(self) -> tuple[Tensor, Tensor]:
@@ -963,7 +982,7 @@ class NoetherTracker:
             rounding = next(U)
             if terms.abs1 is not None:
                 rounding = torch.where(info.linear, next(U), rounding)
-            cg = self._group_coefficients(terms.coef)
+            cg = terms.coef["groups"]
             count = info.count
             # Tensors of one group with different coefficients (mixed lr/wd): only Σ s_i R_i = 0 is a
             # symmetry; the rest of Σ s_i(−k_i R_i) is a real drift and belongs to the prediction
@@ -1020,7 +1039,7 @@ class NoetherTracker:
         ok = torch.isfinite(checked).all()
         sums = lay.per_group(summed)
         means, counts = self._finite_mean(averaged)
-        const, const_counts = self._group_coefficients(terms.coef)["means"] if terms is not None else self._no_means()
+        const, const_counts = terms.coef["groups"]["means"] if terms is not None else self._no_means()
         # every row in one write (_UPDATE order); _START and _BAD are kept
         new = acc.index_copy(0, self._update_rows, torch.cat([
             torch.fmax(acc.index_select(0, self._extreme_rows), lay.per_group(extremes, "amax")),
