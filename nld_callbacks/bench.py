@@ -4,7 +4,8 @@ Costs are set against the physical floor and two reference instrumentations.
 
 ``nld bench`` trains the same model with and without instrumentation, in interleaved rounds
 (plain, instrumented, ..., then the reverse order in the next round), every run from the same
-seed on the same batches, warm-up steps excluded, with a fixed number of torch threads. Per round
+seed on the same batches, warm-up steps excluded (the sampled mode warms up over its first two
+tracked steps, which build the reduction plans), with a fixed number of torch threads. Per round
 each instrumentation's step time is divided by the plain run's; the table shows the median ratio
 over rounds and its interquartile range (IQR). Instrumentations:
 
@@ -153,6 +154,10 @@ class _Instrument:
     def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
         """Hook into the run before its first step."""
 
+    def warmup(self, steps: int) -> int:
+        """Untimed steps this instrumentation needs: its one-time set-up stays out of the timing."""
+        return steps
+
     def after_backward(self, model: nn.Module) -> None:
         """Called between ``backward()`` and ``optimizer.step()``."""
 
@@ -165,6 +170,10 @@ class _Tracker(_Instrument):
         self.every, self.sample_every = every, sample_every
         self.label = "nld" if sample_every == 1 else f"nld sampled 1/{sample_every}"
         self.tracker: NoetherTracker | None = None
+
+    def warmup(self, steps: int) -> int:
+        # the first two tracked steps build the reduction plans: with sampling they come late
+        return max(steps, 2 * self.sample_every) if self.sample_every > 1 else steps
 
     def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
         self.tracker = NoetherTracker(model, opt, report, log_every_n_steps=self.every, sample_every=self.sample_every)
@@ -303,7 +312,9 @@ def _sync(device: torch.device) -> None:
 
 def _train(work: Workload, inst: _Instrument, report: SymmetryReport, steps: int, warmup: int,
            device: torch.device, check_sync: bool = False) -> Timing:
-    """One run: fresh model from the seed, ``warmup`` untimed steps, ``steps`` timed ones."""
+    """One run: fresh model from the seed, ``warmup`` untimed steps (or what the instrumentation
+    needs, see :meth:`_Instrument.warmup`), ``steps`` timed ones."""
+    warmup = inst.warmup(warmup)
     torch.manual_seed(0)
     model = work.make().to(device)
     opt = work.optimizer(model)

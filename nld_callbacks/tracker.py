@@ -1004,8 +1004,8 @@ class NoetherTracker:
             on = dyn["on"] > 0
             Qn, dQn = theory.propagate(torch.where(on, dyn["nld"], q0), torch.where(on, dyn["nld_rate"], 0.0), prop,
                                        drive)
-            for _ in range(self._span - 1):  # sample_every: the steps since the last sample, same drive
-                Qs, dQs = theory.propagate(Qn, dQn, prop, drive)
+            if self._span > 1:  # sample_every: the steps since the last sample, same drive
+                Qs, dQs = theory.propagate_steps(Qn, dQn, prop, drive, self._span - 1)
                 Qn, dQn = torch.where(on, Qs, Qn), torch.where(on, dQs, dQn)
             if not terms.fresh:  # started mid-run with a filled buffer: Q'(t0) = the observed step
                 Qn, dQn = torch.where(on, Qn, q1), torch.where(on, dQn, q1 - q0)
