@@ -641,3 +641,23 @@ def test_continuous_law_follows_a_schedule():
             torch.testing.assert_close(rec.nld, Q, rtol=1e-12, atol=0)
             if wd == 0.0:
                 torch.testing.assert_close(rec.nld, rec.charge, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 49])
+def test_propagate_steps_equals_n_single_steps(n):
+    """The O(log n) power of the one-step map against n applications of it (first-order and
+    oscillator propagators side by side, per neuron)."""
+    gen = torch.Generator().manual_seed(n)
+    rate = -torch.rand(3, generator=gen, dtype=torch.float64) * 1e-2
+    gamma = torch.rand(3, generator=gen, dtype=torch.float64) * 0.5
+    omega2 = torch.rand(3, generator=gen, dtype=torch.float64) * 0.05
+    prop = torch.cat([theory.first_order_propagator(rate), theory.oscillator_propagator(gamma, omega2)])
+    Q = torch.rand(6, generator=gen, dtype=torch.float64) + 1.0
+    dQ = torch.randn(6, generator=gen, dtype=torch.float64) * 0.1
+    drive = torch.rand(6, generator=gen, dtype=torch.float64) * 0.01
+    a, b = Q, dQ
+    for _ in range(n):
+        a, b = theory.propagate(a, b, prop, drive)
+    c, d = theory.propagate_steps(Q, dQ, prop, drive, n)
+    torch.testing.assert_close(c, a, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(d, b, rtol=1e-13, atol=1e-15)
