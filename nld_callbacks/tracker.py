@@ -416,9 +416,10 @@ class NoetherTracker:
             identities and residuals are the same numbers as with k = 1); the accumulated ΔQ sums
             cover the sampled steps only; the continuous NLD law is advanced over all k steps with
             the sampled step's drive held constant (a piecewise-constant drive: its error is the
-            drive's variation within k steps; on a toy BN MLP at batch 16, about 1e-3 relative for
-            SGD at k = 10, and 0.4 % (k = 5) to 5-11 % (k = 10) for heavy ball, whose drive
-            2η²|v|² carries the minibatch noise; README "Overhead").
+            drive's variation within k steps; on a toy BN MLP at batch 16, up to 2e-3 relative for
+            SGD at k = 10 to 50, and up to 10 % for heavy ball, whose drive 2η²|v|² carries the
+            minibatch noise; README "Overhead"). The first two tracked steps build the reduction
+            plans (a one-time cost).
     """
 
     def __init__(
