@@ -908,18 +908,20 @@ class NoetherTracker:
         assert lay is not None
         names = ("adaptive", "eff_factor", "eq_numel", "relax", "eq_coef", "eq_angle", "rms_decay")
         rows = torch.cat([torch.stack([coef[n] for n in names]), prop])
-        g = lay.to_groups(rows, unsigned=True) / info.count
-        out = dict(zip(names, g[: len(names)]))
+        per_neuron = lay.to_groups(rows, unsigned=True) / info.count
+        g = dict(zip(names, per_neuron))
         k = len(names)
-        out["prop"] = torch.where(info.linear, g[k + 6 : k + 12], g[k : k + 6])
-        out["rms_decay"] = torch.where(info.scale, out["rms_decay"], torch.nan)
-        out["rmsprop"] = torch.isfinite(out["rms_decay"])
+        rms_decay = torch.where(info.scale, g["rms_decay"], torch.nan)
         # per-group means of the constants (equilibrium angle, relaxation time, RMSProp decay)
-        const = torch.stack([out["eq_angle"], out["relax"], out["rms_decay"]])
+        const = torch.stack([g["eq_angle"], g["relax"], rms_decay])
         if info.owned is not None:
             const = torch.where(info.owned, const, torch.nan)
-        out["means"] = self._finite_mean(const)
-        return out
+        # kept per neuron while the coefficients hold: only what every step reads
+        rates = torch.stack([g["eff_factor"], g["relax"].clamp_min(1.0), g["eq_coef"]])
+        prop = torch.where(info.linear, per_neuron[k + 6 : k + 12], per_neuron[k : k + 6])
+        return {"adaptive": g["adaptive"] > 0.5, "eq_numel": g["eq_numel"] > 0.5, "rmsprop": torch.isfinite(rms_decay),
+                "eff_factor": rates[0], "relax": rates[1], "eq_coef": rates[2], "prop": prop,
+                "means": self._finite_mean(const)}
 
     def _no_means(self) -> tuple[Tensor, Tensor]:
         """The constant means' rows when nothing is predicted: absent, over no neuron."""
@@ -994,7 +996,7 @@ class NoetherTracker:
             r, b, e = theory.residual_decomposition(obs, sym, brk, scale_terms, rounding)
             tol = scale_terms + 4.0 * rounding  # D_t per neuron (§3.2)
             pred = q0 + sym
-            adaptive = cg["adaptive"] > 0.5
+            adaptive = cg["adaptive"]
             # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
             # left out of the layer means
             eff = torch.where(q0 > 0, cg["eff_factor"] / torch.where(adaptive, q0.clamp_min(0).sqrt(), q0), nan)
@@ -1013,8 +1015,8 @@ class NoetherTracker:
             new_dyn.update(nld=Qn, nld_rate=dQn, on=torch.ones_like(Qn))
             nld = Qn
             # §2.4: Q*² = coefficient · EMA of the scale-free drive, averaged over one relaxation time
-            X = torch.where(cg["eq_numel"] > 0.5, info.numel * info.numel, q0 * eq_drive_g)
-            alpha = 1.0 - (1.0 - 1.0 / cg["relax"].clamp_min(1.0)) ** self._span
+            X = torch.where(cg["eq_numel"], info.numel * info.numel, q0 * eq_drive_g)
+            alpha = 1.0 - (1.0 - 1.0 / cg["relax"]) ** self._span
             ema_x = (1.0 - alpha) * dyn["ema_x"] + alpha * X
             ema_w = (1.0 - alpha) * dyn["ema_w"] + alpha
             new_dyn.update(ema_x=ema_x, ema_w=ema_w)
