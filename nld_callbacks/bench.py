@@ -312,8 +312,10 @@ def _sync(device: torch.device) -> None:
 
 def _train(work: Workload, inst: _Instrument, report: SymmetryReport, steps: int, warmup: int,
            device: torch.device, check_sync: bool = False) -> Timing:
-    """One run: fresh model from the seed, ``warmup`` untimed steps (or what the instrumentation
-    needs, see :meth:`_Instrument.warmup`), ``steps`` timed ones."""
+    """One run: fresh model from the seed, ``warmup`` untimed steps, ``steps`` timed ones.
+
+    The instrumentation may ask for more untimed steps (:meth:`_Instrument.warmup`).
+    """
     warmup = inst.warmup(warmup)
     torch.manual_seed(0)
     model = work.make().to(device)
