@@ -132,9 +132,9 @@ class StepTerms:
 
         observed = Q1 − Q0, symmetric = Σ parts, terms = Σ |parts|, breaking = −coeff·force.
         """
-        return cls(observed=Q1 - Q0, symmetric=sum(parts, torch.zeros_like(Q0)), breaking=-coeff * force,
-                   terms=sum((p.abs() for p in parts), torch.zeros_like(Q0)), force=force, coeff=coeff,
-                   step_sq=step_sq)
+        stacked = torch.stack(list(parts))
+        return cls(observed=Q1 - Q0, symmetric=stacked.sum(0), breaking=-coeff * force, terms=stacked.abs().sum(0),
+                   force=force, coeff=coeff, step_sq=step_sq)
 
 
 def _t(x: Scalar, like: Tensor) -> Tensor:
@@ -610,7 +610,9 @@ def propagate(Q: Tensor, dQ: Tensor, prop: Tensor, drive: Tensor) -> tuple[Tenso
         p = prop.reshape(*prop.shape[:-2], 6).movedim(-1, 0)
     else:
         p = prop
-    return p[0] * Q + p[1] * dQ + p[2] * drive, p[3] * Q + p[4] * dQ + p[5] * drive
+    state = torch.stack(torch.broadcast_tensors(Q, dQ, drive))
+    out = (p.reshape(2, 3, *p.shape[1:]) * state).sum(1)
+    return out[0], out[1]
 
 
 def propagate_steps(Q: Tensor, dQ: Tensor, prop: Tensor, drive: Tensor, n: int) -> tuple[Tensor, Tensor]:

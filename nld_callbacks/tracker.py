@@ -652,7 +652,8 @@ class NoetherTracker:
         if old is not None and old.layout is lay:
             return old
         info = _TheoryLayout.build(lay, {n: _local(p) for n, p in self._params.items()})
-        dyn = {k: torch.zeros(lay.n_neurons, dtype=torch.float64, device=lay.device) for k in _DYN_KEYS}
+        self._dyn_rows = torch.zeros(len(_DYN_KEYS), lay.n_neurons, dtype=torch.float64, device=lay.device)
+        dyn = dict(zip(_DYN_KEYS, self._dyn_rows))  # views: one masked write updates every row
         if old is not None and self._dyn:
             where = {k: (o, g.n_neurons) for k, o, g in zip(old.keys, old.layout.group_offsets, old.layout.groups)}
             for k, o, g in zip(info.keys, lay.group_offsets, lay.groups):
@@ -865,8 +866,13 @@ class NoetherTracker:
         # equilibrium drive of §2.4 multiplies the same B(g, g) or B(v, v) by Q.
         Gz = G if G is not None else zeros
         Kz = K if K is not None else zeros
-        eq_drive = torch.where(fam == 0, Gz, torch.where(fam == 1, Kz, zeros))
-        drive = torch.where(fam == 0, lr * lr * Gz, torch.where(fam == 1, 2.0 * lr * lr * Kz, zeros))
+        if families == {"sgd"}:
+            eq_drive, drive = Gz, lr * lr * Gz
+        elif families == {"heavy_ball"}:
+            eq_drive, drive = Kz, 2.0 * lr * lr * Kz
+        else:
+            eq_drive = torch.where(fam == 0, Gz, torch.where(fam == 1, Kz, zeros))
+            drive = torch.where(fam == 0, lr * lr * Gz, torch.where(fam == 1, 2.0 * lr * lr * Kz, zeros))
         lin = None
         T1 = A1 = None
         if info.has_linear:
@@ -917,10 +923,10 @@ class NoetherTracker:
         if info.owned is not None:
             const = torch.where(info.owned, const, torch.nan)
         # kept per neuron while the coefficients hold: only what every step reads
-        rates = torch.stack([g["eff_factor"], g["relax"].clamp_min(1.0), g["eq_coef"]])
+        rates = torch.stack([g["eff_factor"], 1.0 / g["relax"].clamp_min(1.0), g["eq_coef"]])
         prop = torch.where(info.linear, per_neuron[k + 6 : k + 12], per_neuron[k : k + 6])
         return {"adaptive": g["adaptive"] > 0.5, "eq_numel": g["eq_numel"] > 0.5, "rmsprop": torch.isfinite(rms_decay),
-                "eff_factor": rates[0], "relax": rates[1], "eq_coef": rates[2], "prop": prop,
+                "eff_factor": rates[0], "alpha": rates[1], "eq_coef": rates[2], "prop": prop,
                 "means": self._finite_mean(const)}
 
     def _no_means(self) -> tuple[Tensor, Tensor]:
@@ -964,7 +970,7 @@ class NoetherTracker:
             acc[_START] = lay.per_group(q0)
             self._started = True
         dyn = self._dyn
-        new_dyn = dict(dyn)
+        new_dyn: dict[str, Tensor] = {}
         metric_charge = metric_pred = radial = nld = qstar = rms_acc = nan
         if terms is None:
             obs = q1 - q0
@@ -999,7 +1005,8 @@ class NoetherTracker:
             adaptive = cg["adaptive"]
             # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
             # left out of the layer means
-            eff = torch.where(q0 > 0, cg["eff_factor"] / torch.where(adaptive, q0.clamp_min(0).sqrt(), q0), nan)
+            norm = q0 if terms.UU is None else torch.where(adaptive, q0.clamp_min(0).sqrt(), q0)  # |w|² or |w|
+            eff = torch.where(q0 > 0, cg["eff_factor"] / norm, nan)
             angle = torch.where((q0 > 0) & (q1 > 0), theory.angular_update(q0, q1, step_sq), nan)
             # §2.2: the continuous law, one exact step of its propagator per optimizer step
             prop = cg["prop"]
@@ -1016,9 +1023,9 @@ class NoetherTracker:
             nld = Qn
             # §2.4: Q*² = coefficient · EMA of the scale-free drive, averaged over one relaxation time
             X = torch.where(cg["eq_numel"], info.numel * info.numel, q0 * eq_drive_g)
-            alpha = 1.0 - (1.0 - 1.0 / cg["relax"]) ** self._span
-            ema_x = (1.0 - alpha) * dyn["ema_x"] + alpha * X
-            ema_w = (1.0 - alpha) * dyn["ema_w"] + alpha
+            alpha = cg["alpha"] if self._span == 1 else 1.0 - (1.0 - cg["alpha"]) ** self._span
+            ema_x = torch.lerp(dyn["ema_x"], X, alpha)
+            ema_w = torch.lerp(dyn["ema_w"], torch.ones_like(alpha), alpha)
             new_dyn.update(ema_x=ema_x, ema_w=ema_w)
             qstar = torch.where(info.scale, (cg["eq_coef"] * ema_x / ema_w).sqrt(), nan)
             rms_acc = torch.where(cg["rmsprop"], q1 * q1, nan)  # §2.3: |w|⁴ = Q²
@@ -1049,8 +1056,9 @@ class NoetherTracker:
             sums[:7], acc[_SUM_OBS : _SUM_BRK + 1] + sums[7:], means, const, counts, const_counts]))
         acc.copy_(torch.where(ok, new, acc))  # an invalid step leaves every row as it was ...
         acc[_BAD] += (~ok).to(acc.dtype)  # ... and is counted
-        for k, v in new_dyn.items():
-            dyn[k] = torch.where(ok, v, dyn[k])
+        if new_dyn:  # the laws' state advances on a valid step only
+            rows = self._dyn_rows
+            rows.copy_(torch.where(ok, torch.stack([new_dyn[k] for k in _DYN_KEYS]), rows))
         self.last = StepRecord(self.step + 1, q0, q1, pred, brk, r, b, e, eff, angle, nld=nld, equilibrium=qstar,
                                metric_charge=metric_charge, metric_predicted=metric_pred, radial_update=radial)
 
@@ -1239,7 +1247,7 @@ class NoetherTracker:
             self._theory()
             for k, v in state["dynamics"].items():
                 if k in self._dyn and self._dyn[k].shape == v.shape:
-                    self._dyn[k] = v.to(self.layout.device, torch.float64).clone()
+                    self._dyn[k].copy_(v)
 
 
 def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
