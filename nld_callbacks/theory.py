@@ -7,8 +7,8 @@ Formulas and their numerical evidence are in physics.md; each function cites its
 Inputs of the per-step identities are the bilinear sums of one tensor's neurons (physics.md §0),
 measured at two points:
 
-* before the step (pre-hook): ``Q0 = red(θ_t²)``, ``P0 = red(θ_t v_t)``; for linear charges
-  ``T0 = red(θ_t)``, ``S0 = red(v_t)``;
+* before the step (pre-hook, or the previous step's post-hook values of the same tensors):
+  ``Q0 = red(θ_t²)``, ``P0 = red(θ_t v_t)``; for linear charges ``T0 = red(θ_t)``, ``S0 = red(v_t)``;
 * after the step (post-hook): ``Q1 = red(θ_{t+1}²)``, ``X = red(θ_{t+1} g_t)``, ``G = red(g_t²)``,
   and with momentum ``Y = red(v_{t+1} g_t)``, ``K = red(v_{t+1}²)``, ``Z = red(θ_{t+1} v_{t+1})``;
   for adaptive optimizers ``U = red(θ_{t+1} u_t)``, ``UU = red(u_t²)`` with u_t the update direction.

@@ -2,8 +2,10 @@
 
 The tracker hangs on an optimizer's step hooks (physics.md §3.3):
 
-1. the **pre-hook** reads θ_t-only quantities (Q_t, and P_t = B(θ_t, v_t) with momentum). Under
-   Lightning's automatic optimization it runs *before* the closure, so it never reads a gradient;
+1. the **pre-hook** needs θ_t-only quantities (Q_t, and P_t = B(θ_t, v_t) with momentum). Under
+   Lightning's automatic optimization it runs *before* the closure, so it never reads a gradient.
+   Between tracked steps it reads nothing: θ_t and v_t are the previous post-hook's θ_{t+1} and
+   v_{t+1}, whose sums it reuses while no tensor was touched in between;
 2. the optimizer runs (closure, clipping, unscaling happen inside);
 3. the **post-hook** reads g_t (the gradient actually consumed), v_{t+1} and θ_{t+1}, evaluates the
    exact identity, the residual decomposition, the effective learning rate and the angular update
