@@ -289,9 +289,9 @@ class ChargeLayout:
             self.reductions.setdefault(r.param, []).append(r)
         self.params = list(self.reductions)
         dev = self.device
-        #: reductions feeding each group neuron (host): 0 for a neuron no tensor here covers (the
-        #: other ranks' rows of a sharded parameter)
-        self.neuron_counts = torch.bincount(torch.tensor(dst, dtype=torch.long), minlength=gstart)
+        #: whether any reduction feeds each group neuron (host): not for the other ranks' rows of
+        #: a sharded parameter
+        self.covered = torch.bincount(torch.tensor(dst, dtype=torch.long), minlength=gstart) > 0
         self.covers_all = len(set(dst)) == gstart
         self._src = torch.tensor(src, dtype=torch.long, device=dev)
         self._dst = torch.tensor(dst, dtype=torch.long, device=dev)

@@ -221,13 +221,13 @@ class _Carry:
     linear: tuple[Tensor, Tensor | None] | None
 
 
-def _merge(out: Mapping[str, theory.StepTerms], family: Tensor) -> theory.StepTerms:
+def _merge(out: Mapping[str, theory.StepTerms], family: Tensor | None) -> theory.StepTerms:
     """One StepTerms per reduction from the families present.
 
     Param groups of different families: each tensor gets its own family's terms.
     """
     first = next(iter(out.values()))
-    if len(out) == 1:
+    if len(out) == 1 or family is None:
         return first
     merged = {}
     for f in theory.StepTerms.__dataclass_fields__:
@@ -296,7 +296,7 @@ class _TheoryLayout:
         ones = torch.ones(lay.n_reductions, dtype=torch.float64, device=dev)
         lin_params = tuple(dict.fromkeys(m.param for g in lay.groups if g.linear for m in g.members))
         # row shards (FSDP): the neurons of the other ranks get no reduction
-        owned = lay.neuron_counts > 0
+        owned = lay.covered
         return cls(lay, [g.key for g in lay.groups], linear, scale, lay.to_groups(ones, unsigned=True),
                    lay.to_groups(per_red.to(dev), unsigned=True), lin_params,
                    None if lay.covers_all else owned.to(dev))
@@ -635,9 +635,16 @@ class NoetherTracker:
             host = host.pin_memory()
         per_param = host.to(self.layout.device, non_blocking=True)
         vals = per_param.index_select(1, self.layout.param_of_reduction)
-        # kept per reduction: what the step identities read; the rest is needed per group neuron only
-        kept = vals[: len(_STEP_ROWS)].clone()
-        coef: dict[str, Any] = {name: kept[i] for i, name in enumerate(_STEP_ROWS)}
+        # kept per reduction: what the step identities read (the sign only under `maximize`, the
+        # family only when several mix, decay and metric only for adaptive rules); the rest is
+        # needed per group neuron only
+        families = {h.family for h, _, _ in combos}
+        names = [n for n in _STEP_ROWS if not (
+            (n == "sign" and not any(h.maximize for h, _, _ in combos))
+            or (n == "family" and len(families) == 1)
+            or (n in ("decay", "metric") and "adam" not in families))]
+        kept = vals[[_STEP_ROWS.index(n) for n in names]]
+        coef: dict[str, Any] = dict(zip(names, kept))
         coef["groups"] = self._group_coefficients(dict(zip(_COEF_ROWS, vals)), vals[len(_COEF_ROWS) :])
         self._coef_cache = (key, coef)
         return coef
@@ -800,6 +807,10 @@ class NoetherTracker:
         if carry and self.layout is lay:
             P1 = lay.reduce(theta, bufs) if any(b is not None for b in bufs.values()) else None
             linear = self._linear_sums(theta, bufs, T1)
+            if P1 is not None:  # copies of two rows: the step's other products are not kept
+                Q1, P1 = torch.stack([Q1, P1]).unbind()
+            else:
+                Q1 = Q1.clone()
             self._carry = _Carry(self.step + 1, self._key(theta, bufs), Q1, P1, linear)
         self.step += 1
         if self.schedule(self.step):
@@ -819,7 +830,11 @@ class NoetherTracker:
         active = {n: g is not None for n, g in grads.items()}
         coef = self._coefficients(hyp, first, active)
         families = {hyp[n].family for n in self._params}
-        sign, lr, fam = coef["sign"], coef["lr"], coef["family"]
+        lr, fam = coef["lr"], coef.get("family")
+
+        def signed(t: Tensor) -> Tensor:  # g → −g on tensors of a `maximize` group
+            return coef["sign"] * t if "sign" in coef else t
+
         zeros = torch.zeros_like(Q0)
         bufs = state_bufs if families & {"heavy_ball", "nesterov", "sgdw"} else {}
         adaptive = None
@@ -836,11 +851,11 @@ class NoetherTracker:
             P = P0 if P0 is not None else zeros
             if families - {"adam"}:
                 # the sign of `maximize` enters every product with g (per tensor)
-                X = sign * lay.reduce(theta, grads)
+                X = signed(lay.reduce(theta, grads))
                 if families & {"sgd", "nesterov"}:
                     G = lay.reduce(grads, grads)
                 if bufs:
-                    Y, K = sign * lay.reduce(bufs, grads), lay.reduce(bufs, bufs)
+                    Y, K = signed(lay.reduce(bufs, grads)), lay.reduce(bufs, bufs)
                 kw = dict(Q0=Q0, Q1=Q1, lr=lr, wd=coef["wd"])
                 if "sgd" in families:
                     quad["sgd"] = theory.sgd_step(X=X, G=G, **kw)
@@ -872,6 +887,8 @@ class NoetherTracker:
             eq_drive, drive = Gz, lr * lr * Gz
         elif families == {"heavy_ball"}:
             eq_drive, drive = Kz, 2.0 * lr * lr * Kz
+        elif fam is None:  # one family without a continuous law
+            eq_drive = drive = zeros
         else:
             eq_drive = torch.where(fam == 0, Gz, torch.where(fam == 1, Kz, zeros))
             drive = torch.where(fam == 0, lr * lr * Gz, torch.where(fam == 1, 2.0 * lr * lr * Kz, zeros))
@@ -883,7 +900,7 @@ class NoetherTracker:
             A1 = lay.reduce({n: t.abs() for n, t in lt.items()})
             T0, S0 = self._pre_linear if self._pre_linear is not None else (T1, None)
             S = S0 if S0 is not None else zeros
-            Sg = sign * lay.reduce({n: grads[n] for n in info.linear_params})
+            Sg = signed(lay.reduce({n: grads[n] for n in info.linear_params}))
             steps = {n: _update_direction(hyp[n], theta[n], grads[n], bufs.get(n),
                                           None if adaptive is None else adaptive.update.get(n))
                      for n in info.linear_params}
@@ -967,6 +984,8 @@ class NoetherTracker:
         if info.has_linear:
             t0, t1 = next(S), next(S)
             q0, q1 = torch.where(info.linear, t0, q0), torch.where(info.linear, t1, q1)
+        else:  # copies: the record of the step (self.last) keeps them, not every mapped row
+            q0, q1 = torch.stack([q0, q1]).unbind()
         nan = torch.full_like(q0, float("nan"))
         if not self._started:
             acc[_START] = lay.per_group(q0)
