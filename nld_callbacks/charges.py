@@ -462,7 +462,7 @@ class ChargeLayout:
                 st.resize_(t.numel() * t.element_size())
         try:
             for dp in plan.dtypes:
-                self._run(dp, xs, ys, flat, plan.zero)
+                self._run(dp, xs, ys, flat)
         finally:
             for st in storages:
                 st.resize_(0)
@@ -599,7 +599,7 @@ class ChargeLayout:
 
     @staticmethod
     def _run(dp: _DtypePlan, xs: list[list[torch.Tensor | None]], ys: list[list[torch.Tensor | None]],
-             flat: torch.Tensor, accumulate: bool) -> None:
+             flat: torch.Tensor) -> None:
         def piece(t: torch.Tensor, pc: _Piece) -> torch.Tensor:
             return t if pc.whole else t[pc.lo : pc.hi]
 
@@ -624,7 +624,7 @@ class ChargeLayout:
                 else:
                     torch.sum(sm.src, sm.dims, dtype=dp.res_dtype, out=sm.out)
         res = dp.res if dp.res.dtype == torch.float64 else dp.res.to(torch.float64)
-        if accumulate:
+        if dp.duplicates:  # partial sums of one output from several slabs add up (``flat`` was zeroed)
             flat.index_add_(0, dp.index, res)
         else:
             flat.index_copy_(0, dp.index, res)

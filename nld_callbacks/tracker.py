@@ -733,6 +733,12 @@ class NoetherTracker:
             pairs += [(bufs, grads), (bufs, bufs)] + ([(theta, bufs)] if nesterov or carry else [])
         if nesterov or not momentum:
             pairs.append((grads, grads))
+        info = self._theory()
+        if info.has_linear:  # the linear charges' sums T, ⟨c, g⟩ (and S for the next step) join the batch
+            def lin(d: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]:
+                return {n: d.get(n) for n in info.linear_params}
+
+            pairs += [(lin(theta), None), (lin(grads), None)] + ([(lin(bufs), None)] if momentum and carry else [])
         return pairs
 
     @torch.no_grad()
