@@ -1074,8 +1074,11 @@ class NoetherTracker:
             averaged = torch.where(info.owned, averaged, torch.nan)
             checked = torch.where(info.owned, checked, 0.0)
         ok = torch.isfinite(checked).all()
-        sums = lay.per_group(summed)
-        means, counts = self._finite_mean(averaged)
+        finite = torch.isfinite(averaged)  # means over the neurons with a value (one map with the sums)
+        sums, totals, counts = lay.per_group(torch.cat([summed, torch.where(finite, averaged, 0.0),
+                                                        finite.to(averaged.dtype)])).split(
+            [len(summed), len(averaged), len(averaged)])
+        means = totals / counts
         const, const_counts = terms.coef["groups"]["means"] if terms is not None else self._no_means()
         # every row in one write (_UPDATE order); _START and _BAD are kept
         new = acc.index_copy(0, self._update_rows, torch.cat([
