@@ -715,10 +715,9 @@ class NoetherTracker:
 
     def _fused_pairs(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None],
                      optimizer: torch.optim.Optimizer, *, pre: bool, carry: bool = False) -> list[tuple[Any, Any]]:
-        """The products and linear sums the coming hook will ask for (``carry``: and B(θ, v) and the
-        linear sums of v, for the next step).
+        """The products and linear sums the coming hook will ask for.
 
-        They are evaluated in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here
+        With ``carry`` also B(θ, v) and the linear sums of v, for the next step. They are evaluated in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here
         is still computed when asked for.
         """
         pairs: list[tuple[Any, Any]] = [(theta, theta)]
