@@ -717,8 +717,9 @@ class NoetherTracker:
                      optimizer: torch.optim.Optimizer, *, pre: bool, carry: bool = False) -> list[tuple[Any, Any]]:
         """The products and linear sums the coming hook will ask for.
 
-        With ``carry`` also B(θ, v) and the linear sums of v, for the next step. They are evaluated in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here
-        is still computed when asked for.
+        With ``carry`` also B(θ, v) and the linear sums of v, for the next step. They are evaluated
+        in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here is still computed
+        when asked for.
         """
         pairs: list[tuple[Any, Any]] = [(theta, theta)]
         if not self.opt_model.supported:
