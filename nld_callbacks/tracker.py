@@ -41,6 +41,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,6 +275,7 @@ class _TheoryLayout:
     numel: Tensor  # parameter entries in the neuron (C of physics.md §2.4)
     linear_params: tuple[str, ...]
     owned: Tensor | None  # bool: the neuron is on this rank (None: every neuron is, no sharding)
+    partial: Tensor | None  # bool: the neuron's sums are partial on this rank (None: no such neuron)
 
     @property
     def has_linear(self) -> bool:
@@ -284,7 +286,8 @@ class _TheoryLayout:
         return any(not g.linear for g in self.layout.groups)
 
     @classmethod
-    def build(cls, lay: ChargeLayout, params: Mapping[str, Tensor]) -> _TheoryLayout:
+    def build(cls, lay: ChargeLayout, params: Mapping[str, Tensor],
+              partial_keys: AbstractSet[str] = frozenset()) -> _TheoryLayout:
         dev = lay.device
         sizes = torch.tensor([g.n_neurons for g in lay.groups], dtype=torch.long)
         linear = torch.tensor([g.linear for g in lay.groups], dtype=torch.bool).repeat_interleave(sizes).to(dev)
@@ -297,9 +300,13 @@ class _TheoryLayout:
         lin_params = tuple(dict.fromkeys(m.param for g in lay.groups if g.linear for m in g.members))
         # row shards (FSDP): the neurons of the other ranks get no reduction
         owned = lay.covered
+        partial = None
+        if any(g.key in partial_keys for g in lay.groups):
+            flags = torch.tensor([g.key in partial_keys for g in lay.groups], dtype=torch.bool)
+            partial = flags.repeat_interleave(sizes).to(dev)
         return cls(lay, [g.key for g in lay.groups], linear, scale, lay.to_groups(ones, unsigned=True),
                    lay.to_groups(per_red.to(dev), unsigned=True), lin_params,
-                   None if lay.covers_all else owned.to(dev))
+                   None if lay.covers_all else owned.to(dev), partial)
 
 
 def _is_sharded(p: Tensor) -> bool:
@@ -339,27 +346,34 @@ def _local_mesh_group(p: Any) -> Any:
     return p.device_mesh.get_group()
 
 
-def _shard_group(g: SymmetryGroup, named: Mapping[str, Tensor]) -> SymmetryGroup | None:
-    """This rank's part of a group over FSDP2 row-sharded parameters, or ``None`` if it has none.
+def _shard_group(g: SymmetryGroup, named: Mapping[str, Tensor]) -> tuple[SymmetryGroup, bool] | None:
+    """This rank's part of a group over FSDP2 row-sharded parameters, and whether it is partial.
 
-    Supported: every member reduces dim 0 (one neuron per row, e.g. the rows of a layer feeding a
-    normalization and their bias), so each neuron lies whole on one rank. The group keeps its
-    global neuron count; the rank's members sit at its rows' offset and the other ranks' neurons
-    get no reduction. Groups that reduce another axis (a neuron spread over every shard) return
-    ``None``.
+    A member whose neurons are dim-0 rows (a layer's rows and bias) covers the rank's rows only: it
+    moves to the rows' offset. Any other member (columns, a whole tensor) covers every neuron with
+    a partial sum over the rank's rows. A group of the first kind only, all on the same rows, has
+    each neuron whole on one rank (``partial`` False); otherwise every neuron's sums are partial
+    on each rank (``partial`` True) and add up across ranks. ``None`` when a member is not a
+    dim-0 shard (FSDP1 flat parameters, other placements, an unsharded member beside sharded ones,
+    blocked neurons on dim 0).
     """
-    shards = set()
+    members, rows_seen, partial = [], set(), False
     for m in g.members:
         p = named.get(m.param)
         rows = None if p is None else _row_shard(p)
-        if rows is None or m.axis is None or m.axis % p.dim() != 0 or m.blocks is not None or m.offset != 0 \
-                or p.shape[0] != g.n_neurons:
+        if rows is None:
             return None
-        shards.add(rows)
-    if len(shards) != 1:
-        return None
-    lo, _ = shards.pop()
-    return dataclasses.replace(g, members=tuple(dataclasses.replace(m, offset=lo) for m in g.members))
+        assert p is not None
+        if m.axis is not None and m.axis % p.dim() == 0:
+            if m.blocks is not None:
+                return None
+            members.append(dataclasses.replace(m, offset=m.offset + rows[0]))
+            rows_seen.add((m.offset, rows))
+        else:
+            members.append(m)
+            partial = True
+    partial = partial or len(rows_seen) != 1
+    return dataclasses.replace(g, members=tuple(members)), partial
 
 
 _STEP_WRAPPER = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
@@ -389,12 +403,15 @@ class NoetherTracker:
     and version counter are unchanged (any in-place change in between makes the pre-hook read
     again; writes through ``.data`` are not seen).
 
-    Sharded parameters (FSDP2's ``fully_shard``, dim-0 shards): a group whose neurons are whole
-    rows of the shards (a layer's rows and bias feeding a normalization) is evaluated by each rank
-    on its own rows, and the ranks' accumulators are merged by one ``all_gather`` per logging step
-    (every rank must step the tracker on the same steps); :meth:`summary` is then a collective
-    too, and :meth:`state_dict` is per rank. Groups whose neurons span the shards are left out,
-    with a note in the report and one warning.
+    Sharded parameters (FSDP2's ``fully_shard``, dim-0 shards): each rank evaluates its own
+    shards and the ranks' accumulators are merged by one ``all_gather`` per logging step (every
+    rank must step the tracker on the same steps); :meth:`summary` is then a collective too, and
+    :meth:`state_dict` is per rank. A group whose neurons are whole rows of the shards (a layer's
+    rows and bias feeding a normalization) is tracked in full; a group whose neurons span the
+    shards (columns of the next layer) from partial sums: charges, predictions, ΔQ sums and laws
+    (they add up across ranks) and the residual per shard, without per-neuron ratios (breaking
+    share, effective lr, angle, equilibrium). Other sharded layouts are left out, with a note in
+    the report and one warning.
 
     Args:
         model: the network whose parameters the optimizer updates.
@@ -465,6 +482,7 @@ class NoetherTracker:
         self.skipped_steps = 0
         self._sharded_warned = False
         self._sharded = False  # some tracked group sits on FSDP2 row shards (per-rank partial sums)
+        self._partial_keys: set[str] = set()  # groups whose neurons span the shards
         self._process_group: Any = None
         # A subclass whose step() calls super().step() runs the hooks once per class: only the
         # outermost call is a step.
@@ -515,6 +533,7 @@ class NoetherTracker:
         groups = []
         sharded = {n for n, p in named.items() if _is_sharded(p)}
         left_out = 0
+        partial: set[str] = set()
         for g in report.groups:
             if not all(m.param in named and id(named[m.param]) in in_opt for m in g.members):
                 report.notes.append(f"{g.key}: not every parameter is updated by this optimizer; left out")
@@ -522,17 +541,22 @@ class NoetherTracker:
                 local = _shard_group(g, named)
                 if local is None:
                     left_out += 1
-                    report.notes.append(f"{g.key}: its neurons span the shards of sharded parameters (FSDP); "
-                                        "left out")
+                    report.notes.append(f"{g.key}: sharded parameters (FSDP) other than dim-0 shards, or mixed with "
+                                        "unsharded ones; left out")
                 else:
-                    groups.append(local)
+                    groups.append(local[0])
+                    if local[1]:
+                        partial.add(g.key)
+                        report.notes.append(f"{g.key}: its neurons span the shards (FSDP): charges, predictions, "
+                                            "laws and per-shard residuals only")
             else:
                 groups.append(g)
         if left_out and not self._sharded_warned:
-            warnings.warn(f"NoetherTracker: {left_out} group(s) over sharded parameters (FSDP) have neurons that "
-                          "span the shards and are not tracked; groups whose neurons are whole rows of dim-0 "
-                          "shards are (see the report's notes). Use DDP to monitor every group.", stacklevel=2)
+            warnings.warn(f"NoetherTracker: {left_out} group(s) over sharded parameters (FSDP) are not tracked: "
+                          "only FSDP2 dim-0 shards are (see the report's notes). Use DDP to monitor them.",
+                          stacklevel=2)
             self._sharded_warned = True
+        self._partial_keys = partial
         self._sharded = any(m.param in sharded for g in groups for m in g.members)
         self._process_group = next((_local_mesh_group(named[m.param]) for g in groups for m in g.members
                                     if m.param in sharded), None)
@@ -660,7 +684,7 @@ class NoetherTracker:
         old = self._theory_cache
         if old is not None and old.layout is lay:
             return old
-        info = _TheoryLayout.build(lay, {n: _local(p) for n, p in self._params.items()})
+        info = _TheoryLayout.build(lay, {n: _local(p) for n, p in self._params.items()}, self._partial_keys)
         self._dyn_rows = torch.zeros(len(_DYN_KEYS), lay.n_neurons, dtype=torch.float64, device=lay.device)
         dyn = dict(zip(_DYN_KEYS, self._dyn_rows))  # views: one masked write updates every row
         if old is not None and self._dyn:
@@ -1069,6 +1093,9 @@ class NoetherTracker:
         summed = torch.stack([q1, pred, tol, nld, qstar, metric_charge, metric_pred, obs, sym, brk])
         averaged = torch.stack([eff, angle, radial, rms_acc])
         checked = torch.stack([obs, e]) if terms is not None else obs
+        if info.partial is not None:  # partial sums (FSDP): no per-neuron ratio or root means anything
+            averaged = torch.where(info.partial, torch.nan, averaged)
+            summed = torch.cat([summed[:4], torch.where(info.partial, torch.nan, summed[4:5]), summed[5:]])
         if info.owned is not None:  # another rank's neurons: neutral in every per-group statistic
             extremes = torch.where(info.owned, extremes, 0.0)
             summed = torch.where(info.owned, summed, 0.0)
@@ -1126,8 +1153,10 @@ class NoetherTracker:
                 out[tag(g.kind, g.name, "band_lower")] = vals[_PRED][i] - vals[_TOL][i]
                 out[tag(g.kind, g.name, "band_upper")] = vals[_PRED][i] + vals[_TOL][i]
                 out[tag(g.kind, g.name, "residual")] = vals[_WIN_E][i]
-                out[tag(g.kind, g.name, "breaking")] = vals[_WIN_B][i]
-                if g.kind == "scale":
+                partial = g.key in self._partial_keys  # sums over a shard's rows (FSDP): no per-neuron ratios
+                if not partial:
+                    out[tag(g.kind, g.name, "breaking")] = vals[_WIN_B][i]
+                if g.kind == "scale" and not partial:
                     out[tag(g.kind, g.name, "effective_lr")] = vals[_EFF][i]
                     out[tag(g.kind, g.name, "angular_update")] = vals[_ANGLE][i]
                 # laws that exist only for some optimizers: logged where finite (NaN = no law)

@@ -47,32 +47,48 @@ def _fully_shard_available():
 
 @pytest.mark.skipif(not _fully_shard_available(), reason="needs torch.distributed.fsdp.fully_shard and gloo")
 def test_fsdp_row_shards_all_gathered_once_per_logging_step(tmp_path):
-    """FSDP2 on 2 CPU processes: groups whose neurons are whole rows of the dim-0 shards are tracked
-    from per-rank partial rows, merged by one collective per logging step; they log what an
-    unsharded tracker of the same run logs. Groups spread over every shard are left out, noted."""
+    """FSDP2 on 2 CPU processes: every rank evaluates its shards, and one collective per logging step
+    merges the ranks. Groups whose neurons are whole rows of the dim-0 shards log exactly what an
+    unsharded tracker of the same run logs; groups whose neurons span the shards (columns of the next
+    layer) log the same charges, predictions and laws from partial sums, per-shard residuals at the
+    rounding floor, and no per-neuron ratios."""
     proc = subprocess.run([sys.executable, str(SCRIPT.parent / "fsdp_fit.py"), str(tmp_path), "29547"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    whole, spanning = ("scale/fc1", "translation/fc1"), ("rescale/bn1", "rescale/fc2")
     for out in ranks:
         assert out["step"] == 6 and out["max_param_difference"] == 0.0  # FSDP trained as the reference did
-        # fc1 rows (+ bias) feed the BatchNorm: each of its 33 neurons lies whole on one rank (17 + 16)
-        assert out["groups"] == ["scale/fc1", "translation/fc1"]
-        spread = set(out["found"]) - set(out["groups"])
-        assert spread == {"rescale/bn1", "rescale/fc2"}
-        assert all(any(n.startswith(k) and "span the shards" in n for n in out["notes"]) for k in spread)
-        assert len(out["warnings"]) == 1
+        # fc1 rows (+ bias) feed the BatchNorm: each of its 33 neurons lies whole on one rank (17 + 16);
+        # bn1 ↔ fc2 columns and fc2 rows ↔ fc3 columns reach every shard
+        assert sorted(out["groups"]) == sorted(whole + spanning) and not out["warnings"]
+        assert all(any(n.startswith(k) and "span the shards" in n for n in out["notes"]) for k in spanning)
         # one all_gather per logging step (steps 2, 4, 6), none on the other steps
         assert out["gathers_after_each_step"] == [0, 1, 1, 2, 2, 3]
         assert len(out["logged"]) == 3
         for got, ref in zip(out["logged"], out["reference"]):
             assert got.keys() <= ref.keys() and any(k.endswith("effective_lr") for k in got)
             for k, v in got.items():
-                assert math.isclose(v, ref[k], rel_tol=1e-12, abs_tol=1e-15), (k, v, ref[k])
+                group = "/".join(k.split("/")[1:3])
+                if group in whole:
+                    assert math.isclose(v, ref[k], rel_tol=1e-12, abs_tol=1e-15), (k, v, ref[k])
+                elif k.endswith(("/charge", "/predicted", "/nld")):  # float32 sums in another order
+                    assert math.isclose(v, ref[k], rel_tol=1e-6), (k, v, ref[k])
+                elif k.endswith("/residual"):
+                    assert v < 4.0, (k, v)
+                elif k.endswith("/band_upper"):  # Σ over shards of |terms| ≥ |Σ terms|: a band as wide or wider
+                    predicted = k.replace("band_upper", "predicted")
+                    assert v - got[predicted] >= (ref[k] - ref[predicted]) * (1 - 1e-6), k
+            for group in spanning:  # per-neuron ratios of partial sums mean nothing: not logged
+                assert f"nld/{group}/breaking" not in got and f"nld/{group}/breaking" in ref
         ref_rows = {(r["kind"], r["layer"]): r for r in out["reference_summary"]}
         for row in out["summary"]:
             ref = ref_rows[(row["kind"], row["layer"])]
             assert row["invalid_steps"] == 0 and row["max_residual"] < 4.0
-            for k in ("charge_start", "charge_end", "delta_observed", "delta_predicted", "max_residual", "charge_nld"):
-                assert math.isclose(row[k], ref[k], rel_tol=1e-12, abs_tol=1e-15), (k, row[k], ref[k])
+            exact = f"{row['kind']}/{row['layer']}" in whole
+            rel = 1e-12 if exact else 1e-6
+            for k in ("charge_start", "charge_end", "delta_predicted", "charge_nld"):
+                assert math.isclose(row[k], ref[k], rel_tol=rel, abs_tol=1e-15), (k, row[k], ref[k])
+            assert math.isclose(row["delta_observed"], ref["delta_observed"],
+                                rel_tol=1e-12 if exact else 0.0, abs_tol=1e-15 if exact else 1e-6 * ref["charge_start"])
     assert ranks[0]["logged"] == ranks[1]["logged"]
