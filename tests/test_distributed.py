@@ -92,3 +92,8 @@ def test_fsdp_row_shards_all_gathered_once_per_logging_step(tmp_path):
             assert math.isclose(row["delta_observed"], ref["delta_observed"],
                                 rel_tol=1e-12 if exact else 0.0, abs_tol=1e-15 if exact else 1e-6 * ref["charge_start"])
     assert ranks[0]["logged"] == ranks[1]["logged"]
+    for out in ranks:  # fc1.weight sharded on dim 1 instead: its group is left out, with a note and one warning
+        other = out["other_placements"]
+        assert "scale/fc1" not in other["groups"] and "rescale/bn1" in other["groups"]
+        assert any(n.startswith("scale/fc1") and "other than dim-0 shards" in n for n in other["notes"])
+        assert len(other["warnings"]) == 1

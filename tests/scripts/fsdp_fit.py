@@ -2,7 +2,8 @@
 
 Each rank trains the sharded model and, beside it, an unsharded copy with the same start, data and
 optimizer under its own tracker: the reference the sharded tracker's logs are compared with. The
-script counts the tracker's collectives. Usage: fsdp_fit.py OUTDIR PORT
+script counts the tracker's collectives, and attaches a tracker to a model sharded on another dim
+(left out). Usage: fsdp_fit.py OUTDIR PORT
 """
 
 import copy
@@ -61,6 +62,16 @@ def run(rank: int, out: Path, port: int) -> None:
         per_step.append(gathers[0])
     summary = tracker.summary()
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
+
+    # other placements (here fc1.weight sharded on dim 1) are left out, with one warning
+    from torch.distributed.tensor import Shard
+
+    torch.manual_seed(0)
+    other = MLPBN(hidden=(33, 16))
+    fully_shard(other, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 and p.shape == (33, 20) else Shard(0))
+    with warnings.catch_warnings(record=True) as rec_other:
+        warnings.simplefilter("always")
+        other_tracker = NoetherTracker(other, optimizer(other), report, log_every_n_steps=EVERY)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "warnings": [str(w.message) for w in rec if "sharded" in str(w.message)],
         "groups": [g.key for g in tracker.groups], "found": [g.key for g in report.groups],
@@ -69,6 +80,8 @@ def run(rank: int, out: Path, port: int) -> None:
         "summary": summary, "reference_summary": ref_tracker.summary(),
         "gathers_after_each_step": per_step,
         "max_param_difference": max((full[n] - p).abs().max().item() for n, p in reference.named_parameters()),
+        "other_placements": {"groups": [g.key for g in other_tracker.groups], "notes": other_tracker.report.notes,
+                             "warnings": [str(w.message) for w in rec_other if "sharded" in str(w.message)]},
     }))
     dist.destroy_process_group()
 
