@@ -738,32 +738,37 @@ class NoetherTracker:
         return tuple(None if t is None else (t.data_ptr(), t._version) for t in (*theta.values(), *bufs.values()))
 
     def _fused_pairs(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None],
-                     optimizer: torch.optim.Optimizer, *, pre: bool, carry: bool = False) -> list[tuple[Any, Any]]:
-        """The products and linear sums the coming hook will ask for.
+                     grads: Mapping[str, Tensor | None] | None, optimizer: torch.optim.Optimizer, *,
+                     carry: bool = False) -> list[tuple[Any, Any]]:
+        """The products and linear sums the coming hook will ask for (``grads`` None: the pre-hook's).
 
         With ``carry`` also B(θ, v) and the linear sums of v, for the next step. They are evaluated
         in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here is still computed
         when asked for.
         """
         pairs: list[tuple[Any, Any]] = [(theta, theta)]
-        if not self.opt_model.supported:
-            return pairs
-        momentum = any(b is not None for b in bufs.values())
-        if pre:
-            return pairs + [(theta, bufs)] if momentum else pairs
-        grads = self._grads()
-        pairs.append((theta, grads))
-        nesterov = any(g.get("nesterov", False) for g in optimizer.param_groups)
-        if momentum:
-            pairs += [(bufs, grads), (bufs, bufs)] + ([(theta, bufs)] if nesterov or carry else [])
-        if nesterov or not momentum:
-            pairs.append((grads, grads))
+        supported = self.opt_model.supported
+        momentum = supported and any(b is not None for b in bufs.values())
+        pre = grads is None
+        if supported and pre and momentum:
+            pairs.append((theta, bufs))
+        elif supported and grads is not None:
+            pairs.append((theta, grads))
+            nesterov = any(g.get("nesterov", False) for g in optimizer.param_groups)
+            if momentum:
+                pairs += [(bufs, grads), (bufs, bufs)] + ([(theta, bufs)] if nesterov or carry else [])
+            if nesterov or not momentum:
+                pairs.append((grads, grads))
         info = self._theory()
-        if info.has_linear:  # the linear charges' sums T, ⟨c, g⟩ (and S for the next step) join the batch
+        if info.has_linear:  # the linear charges' sums T, ⟨c, g⟩ and S join the batch
             def lin(d: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]:
                 return {n: d.get(n) for n in info.linear_params}
 
-            pairs += [(lin(theta), None), (lin(grads), None)] + ([(lin(bufs), None)] if momentum and carry else [])
+            pairs.append((lin(theta), None))
+            if supported and grads is not None:
+                pairs.append((lin(grads), None))
+            if momentum and (pre or carry):
+                pairs.append((lin(bufs), None))
         return pairs
 
     @torch.no_grad()
@@ -779,7 +784,7 @@ class NoetherTracker:
             self._pre = (carry.Q, carry.P, {n: b is None for n, b in bufs.items()})
             self._pre_linear = carry.linear
             return
-        self.layout.prefetch(self._fused_pairs(theta, bufs, optimizer, pre=True))
+        self.layout.prefetch(self._fused_pairs(theta, bufs, None, optimizer))
         try:
             self._pre_step(theta, bufs)
         finally:
@@ -801,10 +806,11 @@ class NoetherTracker:
         self._span = gap if self.sample_every > 1 and gap == self.sample_every else 1
         self._last_tracked = self.step + 1
         theta, bufs = self._state(optimizer)
+        grads = self._grads()
         carry = self._sampled(self.step + 2)  # the next step is tracked: keep this one's θ-sums
-        self.layout.prefetch(self._fused_pairs(theta, bufs, optimizer, pre=False, carry=carry))
+        self.layout.prefetch(self._fused_pairs(theta, bufs, grads, optimizer, carry=carry))
         try:
-            self._post_step(optimizer, theta, bufs, carry=carry)
+            self._post_step(optimizer, theta, bufs, grads, carry=carry)
         finally:
             if self.layout is not None:
                 self.layout.forget()
@@ -818,8 +824,9 @@ class NoetherTracker:
         self._pre_linear = self._linear_sums(theta, bufs)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, theta: Mapping[str, Tensor] | None = None,
-                   bufs: Mapping[str, Tensor | None] | None = None, *, carry: bool = False) -> None:
-        if self.layout is None or self._pre is None or theta is None or bufs is None:
+                   bufs: Mapping[str, Tensor | None] | None = None, grads: Mapping[str, Tensor | None] | None = None,
+                   *, carry: bool = False) -> None:
+        if self.layout is None or self._pre is None or theta is None or bufs is None or grads is None:
             # no groups yet, or they were set inside this step (Lightning's first closure): the
             # step is counted, tracking starts with the next one
             self.step += 1
@@ -829,7 +836,6 @@ class NoetherTracker:
         lay = self.layout
         Q1 = lay.reduce(theta, theta)
         if self.opt_model.supported:
-            grads = self._grads()
             terms = self._terms(optimizer, Q0, Q1, P0, first, theta, grads, bufs)
         else:
             terms = None
@@ -870,7 +876,9 @@ class NoetherTracker:
         bufs = state_bufs if families & {"heavy_ball", "nesterov", "sgdw"} else {}
         adaptive = None
         if "adam" in families:
-            adaptive = adaptive_tensors(optimizer, self._params, hyp, {n: p.grad for n, p in self._params.items()})
+            # the optimizer's own tensors: DTensors when sharded (their updates are made local below)
+            dgrads = {n: p.grad for n, p in self._params.items()} if self._sharded else grads
+            adaptive = adaptive_tensors(optimizer, self._params, hyp, dgrads)
             if self._sharded:
                 adaptive = dataclasses.replace(adaptive, **{f: None if getattr(adaptive, f) is None else
                                                            {n: _local(t) for n, t in getattr(adaptive, f).items()}
@@ -1088,14 +1096,14 @@ class NoetherTracker:
                 metric_pred = torch.where(info.linear, nan, metric[1])
         # A non-finite step (NaN/inf gradient) is marked invalid and kept out of the accumulators,
         # without a host sync: the decision is a device-side mask.
+        averaged = torch.stack([eff, angle, radial, rms_acc])
+        if info.partial is not None:  # partial sums (FSDP): no per-neuron ratio or root means anything
+            averaged = torch.where(info.partial, torch.nan, averaged)
+            qstar = torch.where(info.partial, torch.nan, qstar)
         e_abs = e.abs()
         extremes = torch.stack([e_abs, b.abs(), e_abs])
         summed = torch.stack([q1, pred, tol, nld, qstar, metric_charge, metric_pred, obs, sym, brk])
-        averaged = torch.stack([eff, angle, radial, rms_acc])
         checked = torch.stack([obs, e]) if terms is not None else obs
-        if info.partial is not None:  # partial sums (FSDP): no per-neuron ratio or root means anything
-            averaged = torch.where(info.partial, torch.nan, averaged)
-            summed = torch.cat([summed[:4], torch.where(info.partial, torch.nan, summed[4:5]), summed[5:]])
         if info.owned is not None:  # another rank's neurons: neutral in every per-group statistic
             extremes = torch.where(info.owned, extremes, 0.0)
             summed = torch.where(info.owned, summed, 0.0)
