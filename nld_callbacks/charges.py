@@ -190,6 +190,7 @@ class _Sum:
     soff: int
     roff: int
     rows: int
+    ones: torch.Tensor | None = None  # column sums of a matrix as a product with ones (BLAS gemv)
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,7 @@ class ChargeLayout:
         self.scratch_elements = max(scratch_elements, least)
         self._plans: dict[Any, _Plan] = {}
         self._memo: dict[Any, torch.Tensor] = {}
+        self._ones_of: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._memo_quick: set[Any] = set()
         self._memo_refs: list[Any] = []
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
@@ -574,7 +576,10 @@ class ChargeLayout:
                         src, dims = scratch[off : off + pc.numel].view(1, pc.numel), (1,)
                     else:
                         src, dims = view, tuple(d for d in range(view.dim()) if d != t.axis)
-                    sums.append(_Sum(src, res[roff : roff + n], dims, 0, off, roff, n))
+                    # a matrix's column sums: one gemv reads it about twice as fast as sum(dim=0)
+                    ones = (self._ones(src.shape[0], rdt) if dims == (0,) and src.dim() == 2 and src.dtype == rdt
+                            and rdt in (torch.float32, torch.float64) else None)
+                    sums.append(_Sum(src, res[roff : roff + n], dims, 0, off, roff, n, ones))
                     idx.extend(pc.pair * self.n_reductions + o for o in outs)
                     roff += n
             direct = [(v, pc) for v, pc in zip(views, batch)
@@ -586,6 +591,12 @@ class ChargeLayout:
         # index_add_ takes int32 indices (half the memory); index_copy_ (no duplicates) wants int64
         index = torch.tensor(idx, dtype=torch.int32 if small else torch.long, device=self.device)
         return _DtypePlan(rdt, plans, res[:roff], index, dup)
+
+    def _ones(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (n, dtype)
+        if key not in self._ones_of:
+            self._ones_of[key] = torch.ones(n, dtype=dtype, device=self.device)
+        return self._ones_of[key]
 
     @staticmethod
     def _outputs(pc: _Piece, t: _Target) -> tuple[list[int], int]:
@@ -619,7 +630,9 @@ class ChargeLayout:
                     torch._foreach_mul_([v for v, _ in prod],
                                         [piece(ys[pc.pair][pc.param], pc) for _, pc in prod])  # type: ignore[arg-type]
             for sm in b.sums:
-                if sm.src.dtype == dp.res_dtype:
+                if sm.ones is not None:
+                    torch.mv(sm.src.mT, sm.ones, out=sm.out)
+                elif sm.src.dtype == dp.res_dtype:
                     torch.sum(sm.src, sm.dims, out=sm.out)
                 else:
                     torch.sum(sm.src, sm.dims, dtype=dp.res_dtype, out=sm.out)
@@ -633,6 +646,7 @@ class ChargeLayout:
         """A sparse matrix of the layout, built once per dtype.
 
         ``signed``/``unsigned``: group neurons × reductions (the members' signs, or ones);
+        ``params``: group neurons × parameters (how many of a parameter's reductions feed each);
         ``groups``: groups × group neurons (ones). Stored transposed, compressed by column (CSC) on
         the CPU, where ``dense @ csc`` reads the rows in place; CSR elsewhere.
         """
@@ -642,6 +656,9 @@ class ChargeLayout:
             if which == "groups":
                 rows, cols = self.group_index, torch.arange(self.n_neurons, device=self.device)
                 shape, vals = (len(self.groups), self.n_neurons), torch.ones(self.n_neurons, device=self.device)
+            elif which == "params":
+                rows, cols = self._dst, self.param_of_reduction.index_select(0, self._src)
+                shape, vals = (self.n_neurons, len(self.params)), torch.ones_like(self._sign)
             else:
                 rows, cols, vals = self._dst, self._src, self._sign
                 shape = (self.n_neurons, self.n_reductions)
@@ -669,6 +686,14 @@ class ChargeLayout:
         One sparse matrix product, whatever the number of rows and groups.
         """
         return self._apply("unsigned" if unsigned else "signed", values, self.n_neurons)
+
+    def params_to_groups(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum per-parameter values (last dim, in :attr:`params` order) over each neuron's reductions.
+
+        The same as ``to_groups(values[..., param_of_reduction], unsigned=True)``, without the
+        per-reduction intermediate.
+        """
+        return self._apply("params", values, self.n_neurons)
 
     def per_group(self, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
         """Aggregate group-neuron values (last dim) per group: ``sum``, ``mean``, ``amax``, ``amin``.

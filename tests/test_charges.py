@@ -65,6 +65,21 @@ def test_per_group_aggregates():
         assert sums[i] == part.sum() and maxes[i] == part.max()
 
 
+def test_params_to_groups_sums_each_neurons_parameters():
+    lay = ChargeLayout(GROUPS, SHAPES)
+    vals = torch.randn(3, len(lay.params), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = lay.params_to_groups(vals)
+    per_reduction = lay.to_groups(vals[:, lay.param_of_reduction], unsigned=True)
+    torch.testing.assert_close(got, per_reduction, rtol=1e-15, atol=1e-15)
+    # by hand: a `scale/conv` neuron has one conv.weight row and one conv.bias entry; the rescale
+    # neuron adds an fc.weight column; the translation neuron 6 is fc.bias alone
+    w, b, fc = (vals[:, lay.params.index(n)] for n in ("conv.weight", "conv.bias", "fc.weight"))
+    scale, rescale, *_, translation = lay.split(got)
+    torch.testing.assert_close(scale, (w + b)[:, None].expand(3, 6))
+    torch.testing.assert_close(rescale, (w + b + fc)[:, None].expand(3, 6))
+    torch.testing.assert_close(translation[:, 6], vals[:, lay.params.index("fc.bias")])
+
+
 def test_unknown_parameter_is_a_clear_error():
     with pytest.raises(ValueError, match="exist in the model"):
         ChargeLayout(GROUPS, {"conv.weight": (6, 3, 3, 3)})
