@@ -71,6 +71,7 @@ def test_params_to_groups_sums_each_neurons_parameters():
     got = lay.params_to_groups(vals)
     per_reduction = lay.to_groups(vals[:, lay.param_of_reduction], unsigned=True)
     torch.testing.assert_close(got, per_reduction, rtol=1e-15, atol=1e-15)
+    assert torch.equal(lay.params_to_groups(vals, rows_at_once=1), got)
     # by hand: a `scale/conv` neuron has one conv.weight row and one conv.bias entry; the rescale
     # neuron adds an fc.weight column; the translation neuron 6 is fc.bias alone
     w, b, fc = (vals[:, lay.params.index(n)] for n in ("conv.weight", "conv.bias", "fc.weight"))
