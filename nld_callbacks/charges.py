@@ -190,7 +190,7 @@ class _Sum:
     soff: int
     roff: int
     rows: int
-    ones: torch.Tensor | None = None  # column sums of a matrix as a product with ones (BLAS gemv)
+    ones: torch.Tensor | None = None  # column sums of a matrix: src is its transpose, times ones (gemv)
 
 
 @dataclass(frozen=True)
@@ -579,6 +579,7 @@ class ChargeLayout:
                     # a matrix's column sums: one gemv reads it about twice as fast as sum(dim=0)
                     ones = (self._ones(src.shape[0], rdt) if dims == (0,) and src.dim() == 2 and src.dtype == rdt
                             and rdt in (torch.float32, torch.float64) else None)
+                    src = src if ones is None else src.mT
                     sums.append(_Sum(src, res[roff : roff + n], dims, 0, off, roff, n, ones))
                     idx.extend(pc.pair * self.n_reductions + o for o in outs)
                     roff += n
@@ -631,7 +632,7 @@ class ChargeLayout:
                                         [piece(ys[pc.pair][pc.param], pc) for _, pc in prod])  # type: ignore[arg-type]
             for sm in b.sums:
                 if sm.ones is not None:
-                    torch.mv(sm.src.mT, sm.ones, out=sm.out)
+                    torch.mv(sm.src, sm.ones, out=sm.out)  # src: the slab transposed
                 elif sm.src.dtype == dp.res_dtype:
                     torch.sum(sm.src, sm.dims, out=sm.out)
                 else:
