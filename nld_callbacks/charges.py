@@ -239,7 +239,8 @@ class ChargeLayout:
     Cost of one :meth:`reduce_many` call (CPU and CUDA alike): per fused batch of at most
     ``scratch_elements`` entries, one ``_foreach_copy_`` and one ``_foreach_mul_`` for the small
     tensors, one ``mul(out=)`` per large slab, and one ``sum`` per distinct row length (plus one
-    per column or whole-tensor reduction); then one cast and one ``index_add_``. The scratch
+    per column or whole-tensor reduction: a gemv with ones for a matrix's columns); then one cast
+    and one ``index_copy_`` (``index_add_`` where slabs share outputs). The scratch
     buffer is allocated for the call only; no parameter is copied outside it, nothing leaves the
     device.
     """

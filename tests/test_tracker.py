@@ -249,6 +249,32 @@ def test_hooks_never_change_training():
     assert all(torch.equal(a, b) for a, b in zip(b_a, b_b))
 
 
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad_on", "grad_off"])
+def test_hooks_leave_grad_mode_as_found_and_build_no_graph(grad_mode):
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=32)
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=2)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.set_grad_enabled(grad_mode):
+            opt.step()
+            assert torch.is_grad_enabled() is grad_mode
+    rec = tracker.last
+    assert rec is not None and rec.step == 3
+    assert not any(t.requires_grad for t in (rec.charge_before, rec.charge, rec.predicted, rec.residual))
+    # a failure inside a tracked step still gives the mode back
+    tracker._post_step = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with torch.set_grad_enabled(grad_mode):
+        with pytest.raises(RuntimeError, match="boom"):
+            opt.step()
+        assert torch.is_grad_enabled() is grad_mode
+
+
 class _SignSGD(torch.optim.Optimizer):
     """A custom rule the tracker has no model of: θ ← θ − η sign(g)."""
 
