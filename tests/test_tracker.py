@@ -16,7 +16,7 @@ from torch import nn
 from nld_callbacks import NoetherTracker, find_symmetries
 from nld_callbacks.optim import SGDW
 from nld_callbacks.symmetries import Member, SymmetryGroup
-from nld_callbacks.testing import MLPBN, forbid_host_sync, mlp_bn_groups, synthetic_classification
+from nld_callbacks.testing import MLPBN, forbid_host_sync, mlp_bn_groups, synthetic_classification, toy_problem
 
 CASES = [
     dict(id="sgd", lr=0.1),
@@ -251,28 +251,30 @@ def test_hooks_never_change_training():
 
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad_on", "grad_off"])
 def test_hooks_leave_grad_mode_as_found_and_build_no_graph(grad_mode):
-    torch.manual_seed(0)
-    x, y = synthetic_classification(n=32)
-    model = MLPBN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=2)
-    for _ in range(3):
+    prob = toy_problem("mlp_bn", momentum=0.9)
+    opt = prob.make_optimizer(prob.model.parameters())
+    tracker = NoetherTracker(prob.model, opt, example_input=prob.x, log_every_n_steps=2)
+    seen = []  # the mode right after the tracker's hooks, inside the caller's mode
+
+    def step() -> None:
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(prob.model(prob.x), prob.y).backward()
         with torch.set_grad_enabled(grad_mode):
-            opt.step()
-            assert torch.is_grad_enabled() is grad_mode
+            try:
+                opt.step()
+            finally:
+                seen.append(torch.is_grad_enabled())
+
+    for _ in range(3):
+        step()
     rec = tracker.last
     assert rec is not None and rec.step == 3
     assert not any(t.requires_grad for t in (rec.charge_before, rec.charge, rec.predicted, rec.residual))
     # a failure inside a tracked step still gives the mode back
     tracker._post_step = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
-    opt.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    with torch.set_grad_enabled(grad_mode):
-        with pytest.raises(RuntimeError, match="boom"):
-            opt.step()
-        assert torch.is_grad_enabled() is grad_mode
+    with pytest.raises(RuntimeError, match="boom"):
+        step()
+    assert seen == [grad_mode] * 4
 
 
 class _SignSGD(torch.optim.Optimizer):
