@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -70,7 +70,9 @@ class NoetherMonitor(Callback):
         verbose: print the symmetry table at the start and the summary at the end.
         sample_every: track one optimizer step in k; the other steps cost nothing (see
             :class:`~nld_callbacks.NoetherTracker`: sampled steps are exact, the continuous law is
-            fed the sampled drives).
+            fed the sampled drives). ``"auto"``: k chosen from measured times so that the
+            tracking takes about ``max_overhead`` of the step time.
+        max_overhead: with ``sample_every="auto"``, that fraction (default 0.01).
 
     Example::
 
@@ -87,10 +89,14 @@ class NoetherMonitor(Callback):
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         verbose: bool = True,
-        sample_every: int = 1,
+        sample_every: int | Literal["auto"] = 1,
+        max_overhead: float = 0.01,
     ) -> None:
-        if not isinstance(sample_every, int) or isinstance(sample_every, bool) or sample_every < 1:
-            raise ValueError(f"Expected `sample_every` to be a positive int but got {sample_every!r}")
+        if sample_every != "auto" and (not isinstance(sample_every, int) or isinstance(sample_every, bool)
+                                       or sample_every < 1):
+            raise ValueError(f"Expected `sample_every` to be a positive int or 'auto' but got {sample_every!r}")
+        if not 0.0 < max_overhead < 1.0:
+            raise ValueError(f"Expected `max_overhead` to be in (0, 1) but got {max_overhead!r}")
         if log_every_n_steps is not None and (
             not isinstance(log_every_n_steps, int) or isinstance(log_every_n_steps, bool) or log_every_n_steps < 1
         ):
@@ -103,6 +109,7 @@ class NoetherMonitor(Callback):
         self.exclude = list(exclude) if exclude is not None else None
         self.verbose = verbose
         self.sample_every = sample_every
+        self.max_overhead = max_overhead
         self.trackers: list[NoetherTracker] = []
         self.report: SymmetryReport | None = None
         self.summary: list[dict[str, Any]] = []
@@ -131,7 +138,8 @@ class NoetherMonitor(Callback):
         self._dashboards = None
         self.trackers = [
             NoetherTracker(pl_module, opt, writer=self._sink(trainer), log_every_n_steps=every,
-                           include=self.include, exclude=self.exclude, sample_every=self.sample_every)
+                           include=self.include, exclude=self.exclude, sample_every=self.sample_every,
+                           max_overhead=self.max_overhead)
             for opt in trainer.optimizers
         ]
         if self._pending_state is not None:

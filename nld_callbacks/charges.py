@@ -328,6 +328,11 @@ class ChargeLayout:
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self._res: dict[torch.dtype, torch.Tensor] = {}
 
+    @property
+    def n_plans(self) -> int:
+        """How many evaluation plans (one per distinct set of products asked for) are built."""
+        return len(self._plans)
+
     def reduce(self, tensors: Mapping[str, torch.Tensor | None], other: Mapping[str, torch.Tensor | None] | None = None,
                *, out: torch.Tensor | None = None) -> torch.Tensor:
         """Per-reduction float64 sums of ``tensors ⊙ other`` (or of ``tensors`` alone if linear).

@@ -38,12 +38,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import statistics
 import sys
+import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -379,6 +382,65 @@ def _shard_group(g: SymmetryGroup, named: Mapping[str, Tensor]) -> tuple[Symmetr
 _STEP_WRAPPER = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
 
 
+class AutoSampler:
+    """Picks the sampling interval k of ``sample_every="auto"`` from measured times.
+
+    After every tracked step: k = ⌈own / (max_overhead · plain)⌉, between 1 and ``max_every``
+    (200: the longest interval whose NLD-law accuracy README "Overhead" states), where *own* is the
+    median time inside the tracker's hooks over the last few tracked steps and *plain* the median
+    of the rest of a step (the time from one step's end to the next's, less the hooks' time) over
+    the last steps; the next tracked step is k steps later. The first ``warmup`` tracked steps
+    (they build the reduction plans) run one after the other and are not counted. The choice
+    follows the machine's speed, so which steps are tracked can differ between runs.
+
+    Example:
+        >>> ticks = iter([0.0, 0.5, 0.5, 1.0, 101.0, 101.5, 101.5, 102.0])  # seconds, two tracked steps
+        >>> s = AutoSampler(max_overhead=0.002, warmup=1, clock=lambda: next(ticks))
+        >>> for step in (1, 2):  # the pre-hook's time, then the post-hook's, then the step's end
+        ...     t = s.clock(); _ = s.spent(t); t = s.clock(); s.step_end(step, True, s.spent(t))
+        >>> s.k, s.next  # own 1.0 s per tracked step, plain 100.0 s: k = ⌈1 / (0.002 · 100)⌉
+        (5, 7)
+    """
+
+    def __init__(self, max_overhead: float = 0.01, *, max_every: int = 200, warmup: int = 3, window: int = 5,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if not 0.0 < max_overhead < 1.0:
+            raise ValueError(f"Expected `max_overhead` to be in (0, 1) but got {max_overhead!r}")
+        self.max_overhead, self.max_every, self.warmup, self.clock = max_overhead, max_every, warmup, clock
+        self.k = 1  #: the current interval
+        self.next = 1  #: the next step to track
+        self._own: deque[float] = deque(maxlen=window)
+        self._plain: deque[float] = deque(maxlen=4 * window + 1)
+        self._tracked = 0
+        self._hooks = 0.0  # time inside the hooks since the last step's end
+        self._last_end: float | None = None
+
+    def spent(self, since: float) -> float:
+        """Add the time from ``since`` to now to this step's hook time; returns now."""
+        now = self.clock()
+        self._hooks += now - since
+        return now
+
+    def step_end(self, step: int, tracked: bool, now: float, *, one_time: bool = False) -> None:
+        """Close optimizer step ``step`` (ended at ``now``) and plan the next tracked step.
+
+        ``one_time``: the step's hooks did one-time work (built a reduction plan): its time is
+        not a sample of the tracking cost.
+        """
+        if self._last_end is not None:
+            self._plain.append(now - self._last_end - self._hooks)
+        if tracked:
+            self._tracked += 1
+            if self._tracked > self.warmup and not one_time:
+                self._own.append(self._hooks)
+            if self._own and self._plain:
+                plain = max(statistics.median(self._plain), 1e-9)
+                need = math.ceil(statistics.median(self._own) / (self.max_overhead * plain) - 1e-9)
+                self.k = min(max(1, need), self.max_every)
+            self.next = step + self.k
+        self._hooks, self._last_end = 0.0, now
+
+
 class _GradOff:
     """``torch.no_grad()`` for the hooks, without its Python machinery.
 
@@ -455,7 +517,11 @@ class NoetherTracker:
             drive's variation within k steps; on a toy BN MLP at batch 16, up to 2e-3 relative for
             SGD at k = 10 to 50, and up to 10 % for heavy ball, whose drive 2η²|v|² carries the
             minibatch noise; README "Overhead"). The first two tracked steps build the reduction
-            plans (a one-time cost).
+            plans (a one-time cost). ``"auto"``: k chosen and revised as training runs so that the
+            time inside the hooks stays near ``max_overhead`` of the step time (:class:`AutoSampler`;
+            the current k is ``tracker.auto.k``).
+        max_overhead: with ``sample_every="auto"``, the fraction of the step time the hooks may
+            take (default 1 %).
     """
 
     def __init__(
@@ -470,10 +536,12 @@ class NoetherTracker:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         float64_accumulation: bool = False,
-        sample_every: int = 1,
+        sample_every: int | Literal["auto"] = 1,
+        max_overhead: float = 0.01,
     ) -> None:
-        if not isinstance(sample_every, int) or isinstance(sample_every, bool) or sample_every < 1:
-            raise ValueError(f"Expected `sample_every` to be a positive int but got {sample_every!r}")
+        if sample_every != "auto" and (not isinstance(sample_every, int) or isinstance(sample_every, bool)
+                                       or sample_every < 1):
+            raise ValueError(f"Expected `sample_every` to be a positive int or 'auto' but got {sample_every!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -487,8 +555,12 @@ class NoetherTracker:
         self.include, self.exclude = include, exclude
         self.float64_accumulation = float64_accumulation
         self.sample_every = sample_every
+        #: the interval chooser of ``sample_every="auto"`` (None otherwise)
+        self.auto: AutoSampler | None = AutoSampler(max_overhead) if sample_every == "auto" else None
         self._span = 1  # optimizer steps the tracked step stands for (sample_every)
         self._last_tracked: int | None = None
+        self._since = 0  # untracked optimizer steps since the last tracked one
+        self._plans = 0  # reduction plans built so far (auto sampling: a step that builds one is not timed)
         self.opt_model: OptimizerModel = optimizer_model(optimizer)
         if not self.opt_model.supported:
             warnings.warn(
@@ -729,7 +801,9 @@ class NoetherTracker:
 
     # ------------------------------------------------------------------ hooks
     def _sampled(self, step: int) -> bool:
-        return self.sample_every == 1 or step % self.sample_every == 0
+        if self.auto is not None:
+            return step >= self.auto.next
+        return self.sample_every == 1 or step % self.sample_every == 0  # type: ignore[operator]
 
     def _state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Tensor | None]]:
         """θ and the momentum buffers v (``None`` where there is none) of the tracked tensors."""
@@ -792,8 +866,11 @@ class NoetherTracker:
             return
         if self.layout is None or not self._sampled(self.step + 1):
             return  # an unsampled step (sample_every) reads nothing
+        t = self.auto.clock() if self.auto is not None else 0.0
         with _GradOff():
             self._pre_tracked(optimizer)
+        if self.auto is not None:
+            self.auto.spent(t)
 
     def _pre_tracked(self, optimizer: torch.optim.Optimizer) -> None:
         assert self.layout is not None
@@ -813,25 +890,38 @@ class NoetherTracker:
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._may_nest and _nested_step(optimizer):
             return
+        auto = self.auto
+        t = auto.clock() if auto is not None else 0.0
         if self.layout is not None and self._pre is None and not self._sampled(self.step + 1):
             self.step += 1  # unsampled: counted; a log step writes the last sampled values
+            self._since += 1
             if self.schedule(self.step):
                 with _GradOff():
                     self.flush()
+            if auto is not None:
+                auto.step_end(self.step, False, auto.spent(t))
             return
+        tracked = self._pre is not None
         with _GradOff():
             self._post_tracked(optimizer)
+        if auto is not None:
+            plans, self._plans = self._plans, 0 if self.layout is None else self.layout.n_plans
+            auto.step_end(self.step, tracked, auto.spent(t), one_time=self._plans != plans)
 
     def _post_tracked(self, optimizer: torch.optim.Optimizer) -> None:
         if self.layout is None or self._pre is None:
             self._post_step(optimizer)
             return
         gap = self.step + 1 - self._last_tracked if self._last_tracked is not None else 1
-        self._span = gap if self.sample_every > 1 and gap == self.sample_every else 1
-        self._last_tracked = self.step + 1
+        if self.auto is not None:  # the optimizer steps since the last tracked one, this one included
+            self._span = self._since + 1 if self._last_tracked is not None else 1
+        else:
+            self._span = gap if self.sample_every != 1 and gap == self.sample_every else 1
+        self._last_tracked, self._since = self.step + 1, 0
         theta, bufs = self._state(optimizer)
         grads = self._grads()
-        carry = self._sampled(self.step + 2)  # the next step is tracked: keep this one's θ-sums
+        # the next step is tracked: keep this one's θ-sums
+        carry = self.auto.k == 1 if self.auto is not None else self._sampled(self.step + 2)
         self.layout.prefetch(self._fused_pairs(theta, bufs, grads, optimizer, carry=carry))
         try:
             self._post_step(optimizer, theta, bufs, grads, carry=carry)

@@ -71,3 +71,17 @@ def test_bad_log_every_n_steps(bad):
 def test_bad_include():
     with pytest.raises(TypeError, match="include"):
         NoetherMonitor(include="scale/*")  # type: ignore[arg-type]
+
+
+def test_auto_sampling_through_the_monitor(tmp_path):
+    monitor = NoetherMonitor(log_every_n_steps=5, sample_every="auto", max_overhead=0.5)
+    trainer, _ = _fit(tmp_path, monitor, steps=30)
+    (tracker,) = monitor.trackers
+    assert tracker.auto is not None and tracker.auto.max_overhead == 0.5 and tracker.step == 30
+    acc = EventAccumulator(trainer.logger.log_dir)
+    acc.Reload()
+    # every logging step writes (the last tracked step's values), residuals at the floor
+    assert [ev.step for ev in acc.Scalars("nld/scale/net.3/charge")] == [5, 10, 15, 20, 25, 30]
+    assert max(ev.value for ev in acc.Scalars("nld/scale/net.3/residual")) < 4.0
+    with pytest.raises(ValueError, match="max_overhead"):
+        NoetherMonitor(sample_every="auto", max_overhead=1.5)

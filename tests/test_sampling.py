@@ -9,6 +9,7 @@ from torch import nn
 from nld_callbacks import NoetherTracker
 from nld_callbacks.bench import count_ops
 from nld_callbacks.testing import MLPBN, synthetic_classification
+from nld_callbacks.tracker import AutoSampler
 
 
 def _run(k, *, steps=20, momentum=0.9, log_every=5, record=None):
@@ -105,3 +106,109 @@ def test_monitor_passes_sample_every(tmp_path):
     assert tracker.sample_every == 4 and tracker.step == 12
     assert tracker.last is not None and tracker.last.step == 12  # the last step was a sampled one
     assert monitor.summary and all(abs(r["max_residual"]) < 10 for r in monitor.summary)
+
+
+class _Clock:
+    """A fake clock: every read advances it by ``tick`` (the hooks' own time); the loop adds the
+    plain step time between steps."""
+
+    def __init__(self, tick):
+        self.t, self.tick = 0.0, tick
+
+    def __call__(self):
+        self.t += self.tick
+        return self.t - self.tick
+
+
+def _run_auto(max_overhead, *, steps=30, momentum=0.9, plain=100.0, tick=5.0, record=None):
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64)
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum, weight_decay=5e-3)
+    tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=10, sample_every="auto",
+                             max_overhead=max_overhead)
+    clock = tracker.auto.clock = _Clock(tick)
+    tracked = []
+    for step in range(1, steps + 1):
+        clock.t += plain
+        opt.zero_grad()
+        batch = slice(0, 16) if step % 2 else slice(16, 32)
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        opt.step()
+        if tracker.last is not None and tracker.last.step == step:
+            tracked.append(step)
+            if record is not None:
+                record[step] = tracker.last
+    return tracker, tracked, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(("max_overhead", "k"), [(0.02, 5), (0.01, 10)])
+def test_auto_interval_follows_the_measured_times(max_overhead, k):
+    """Each clock read takes 5 units, so a tracked step's hooks take 10 (pre 5 + post 5) and the
+    rest of a step 105–110: k = ⌈10 / (max_overhead · ~107)⌉. Steps 1–3 warm up (not timed), step 4
+    is the first timed one; the first step after a gap builds the unsampled plans (not timed)."""
+    full, sampled = {}, {}
+    _, p_full = _run(1, steps=30, record=full)
+    tracker, tracked, params = _run_auto(max_overhead, record=sampled)
+    assert tracker.auto.k == k
+    assert tracked == [1, 2, 3, 4] + list(range(4 + k, 31, k))
+    assert all(torch.equal(a, b) for a, b in zip(params, p_full))  # training is untouched
+    for step, rec in sampled.items():  # tracked steps are the same numbers as with k = 1
+        for field in ("charge_before", "charge", "predicted", "residual"):
+            torch.testing.assert_close(getattr(rec, field), getattr(full[step], field), rtol=0, atol=0,
+                                       msg=f"{field} at step {step}")
+
+
+def test_auto_law_spans_the_untracked_steps():
+    """The law advances over every step since the last tracked one (SGD: within 1e-2 of the law
+    fed every step, as with a fixed k); advancing one step per tracked step would lag far behind."""
+    full, sampled = {}, {}
+    _run(1, steps=60, momentum=0.0, record=full)
+    tracker, tracked, _ = _run_auto(0.01, steps=60, momentum=0.0, record=sampled)
+    last = tracked[-1]
+    assert tracker.auto.k > 1 and last > 30
+    ref, got = full[last].nld, sampled[last].nld
+    assert torch.isfinite(ref).all()
+    assert ((got - ref).abs() <= 1e-2 * ref.abs() + 1e-12).all()
+
+
+def test_auto_arguments_are_validated():
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="positive int or 'auto'"):
+        NoetherTracker(model, opt, [], sample_every="sometimes")
+    with pytest.raises(ValueError, match="max_overhead"):
+        NoetherTracker(model, opt, [], sample_every="auto", max_overhead=0.0)
+
+
+def test_auto_steps_that_build_plans_are_not_timed():
+    calls = []
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=32)
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=100, sample_every="auto",
+                             max_overhead=0.02)
+    tracker.auto.clock = _Clock(5.0)
+    end = tracker.auto.step_end
+    tracker.auto.step_end = lambda step, tracked, now, one_time=False: (
+        calls.append((step, tracked, one_time)), end(step, tracked, now, one_time=one_time))
+    for _ in range(12):
+        tracker.auto.clock.t += 100.0
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    # step 1 builds the pre- and post-step plans, step 9 (the first after a gap) the unsampled ones
+    assert [s for s, tracked, one_time in calls if one_time] == [1, 9]
+    assert [s for s, tracked, _ in calls if tracked] == [1, 2, 3, 4, 9]
+
+
+def test_auto_sampler_leaves_one_time_work_out():
+    ticks = iter([0.0, 1.0, 101.0, 151.0, 251.0, 252.0])  # three tracked steps: 1 s, 50 s (one-time), 1 s
+    s = AutoSampler(max_overhead=0.01, warmup=0, clock=lambda: next(ticks))
+    ks = []
+    for step, one_time in ((1, False), (2, True), (3, False)):
+        s.step_end(step, True, s.spent(s.clock()), one_time=one_time)
+        ks.append(s.k)
+    # own 1 s against plain 100 s: k = 1 throughout (counting the 50 s step would make it 26)
+    assert ks == [1, 1, 1] and s.next == 4
