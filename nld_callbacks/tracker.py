@@ -390,8 +390,10 @@ class AutoSampler:
     median time inside the tracker's hooks over the last few tracked steps and *plain* the median
     of the rest of a step (the time from one step's end to the next's, less the hooks' time) over
     the last steps; the next tracked step is k steps later. The first ``warmup`` tracked steps
-    (they build the reduction plans) run one after the other and are not counted. The choice
-    follows the machine's speed, so which steps are tracked can differ between runs.
+    (they build the reduction plans) run one after the other, the next one after a gap of 2 (it
+    builds the plans of a step whose predecessor was not tracked); none of them is timed, nor is
+    any later step that built a plan. The choice follows the machine's speed, so which steps are
+    tracked can differ between runs.
 
     Example:
         >>> ticks = iter([0.0, 0.5, 0.5, 1.0, 101.0, 101.5, 101.5, 102.0])  # seconds, two tracked steps
@@ -437,6 +439,8 @@ class AutoSampler:
                 plain = max(statistics.median(self._plain), 1e-9)
                 need = math.ceil(statistics.median(self._own) / (self.max_overhead * plain) - 1e-9)
                 self.k = min(max(1, need), self.max_every)
+            elif self._tracked >= self.warmup:  # one gap first: a tracked step after a gap builds its plans
+                self.k = 2
             self.next = step + self.k
         self._hooks, self._last_end = 0.0, now
 
@@ -647,6 +651,9 @@ class NoetherTracker:
             self._sharded_warned = True
         self._partial_keys = partial
         self._sharded = any(m.param in sharded for g in groups for m in g.members)
+        if self._sharded and self.auto is not None:
+            raise ValueError("sample_every='auto' times each rank on its own clock, but ranks that hold shards "
+                             "of one layer must track the same steps: give a fixed sample_every with FSDP")
         self._process_group = next((_local_mesh_group(named[m.param]) for g in groups for m in g.members
                                     if m.param in sharded), None)
         report = dataclasses.replace(report, groups=groups)

@@ -97,3 +97,4 @@ def test_fsdp_row_shards_all_gathered_once_per_logging_step(tmp_path):
         assert "scale/fc1" not in other["groups"] and "rescale/bn1" in other["groups"]
         assert any(n.startswith("scale/fc1") and "other than dim-0 shards" in n for n in other["notes"])
         assert len(other["warnings"]) == 1
+        assert "must track the same steps" in out["auto_error"]

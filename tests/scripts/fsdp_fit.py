@@ -72,7 +72,13 @@ def run(rank: int, out: Path, port: int) -> None:
     with warnings.catch_warnings(record=True) as rec_other:
         warnings.simplefilter("always")
         other_tracker = NoetherTracker(other, optimizer(other), report, log_every_n_steps=EVERY)
+    try:  # each rank would pick its own interval: refused with sharded groups
+        NoetherTracker(model, optimizer(model), report, sample_every="auto")
+        auto_error = ""
+    except ValueError as err:
+        auto_error = str(err)
     (out / f"rank{rank}.json").write_text(json.dumps({
+        "auto_error": auto_error,
         "warnings": [str(w.message) for w in rec if "sharded" in str(w.message)],
         "groups": [g.key for g in tracker.groups], "found": [g.key for g in report.groups],
         "notes": tracker.report.notes, "step": tracker.step,
