@@ -385,15 +385,16 @@ _STEP_WRAPPER = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__
 class AutoSampler:
     """Picks the sampling interval k of ``sample_every="auto"`` from measured times.
 
-    After every tracked step: k = ⌈own / (max_overhead · plain)⌉, between 1 and ``max_every``
-    (200: the longest interval whose NLD-law accuracy README "Overhead" states), where *own* is the
-    median time inside the tracker's hooks over the last few tracked steps and *plain* the median
-    of the rest of a step (the time from one step's end to the next's, less the hooks' time) over
-    the last steps; the next tracked step is k steps later. The first ``warmup`` tracked steps
-    (they build the reduction plans) run one after the other, the next one after a gap of 2 (it
-    builds the plans of a step whose predecessor was not tracked); none of them is timed, nor is
-    any later step that built a plan. The choice follows the machine's speed, so which steps are
-    tracked can differ between runs.
+    After every tracked step: k = ⌈own / (max_overhead · plain − idle)⌉, between 1 and
+    ``max_every`` (200: the longest interval whose NLD-law accuracy README "Overhead" states), where
+    *own* is the median time inside the tracker's hooks over the last few tracked steps, *plain* the
+    median of the rest of a step (the time from one step's end to the next's, less the hooks' time)
+    over the last steps, and *idle* the mean hook time of the untracked steps so far (their logging
+    steps' writes included: a cost no k reduces); the next tracked step is k steps later. The
+    first ``warmup`` tracked steps (they build the reduction plans) run one after the other, the
+    next one after a gap of 2 (it builds the plans of a step whose predecessor was not tracked);
+    none of them is timed, nor is any later step that built a plan. The choice follows the
+    machine's speed, so which steps are tracked can differ between runs.
 
     Example:
         >>> ticks = iter([0.0, 0.5, 0.5, 1.0, 101.0, 101.5, 101.5, 102.0])  # seconds, two tracked steps
@@ -414,6 +415,7 @@ class AutoSampler:
         self._own: deque[float] = deque(maxlen=window)
         self._plain: deque[float] = deque(maxlen=4 * window + 1)
         self._tracked = 0
+        self._idle = [0.0, 0]  # hook time and count of the untracked steps
         self._hooks = 0.0  # time inside the hooks since the last step's end
         self._last_end: float | None = None
 
@@ -431,13 +433,17 @@ class AutoSampler:
         """
         if self._last_end is not None:
             self._plain.append(now - self._last_end - self._hooks)
-        if tracked:
+        if not tracked:
+            self._idle[0] += self._hooks
+            self._idle[1] += 1
+        else:
             self._tracked += 1
             if self._tracked > self.warmup and not one_time:
                 self._own.append(self._hooks)
             if self._own and self._plain:
-                plain = max(statistics.median(self._plain), 1e-9)
-                need = math.ceil(statistics.median(self._own) / (self.max_overhead * plain) - 1e-9)
+                idle = self._idle[0] / self._idle[1] if self._idle[1] else 0.0
+                room = self.max_overhead * statistics.median(self._plain) - idle
+                need = math.ceil(statistics.median(self._own) / room - 1e-9) if room > 0 else self.max_every
                 self.k = min(max(1, need), self.max_every)
             elif self._tracked >= self.warmup:  # one gap first: a tracked step after a gap builds its plans
                 self.k = 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -109,25 +111,38 @@ def test_monitor_passes_sample_every(tmp_path):
 
 
 class _Clock:
-    """A fake clock: every read advances it by ``tick`` (the hooks' own time); the loop adds the
-    plain step time between steps."""
+    """A fake clock the test moves: the loop adds the plain step time, the tracked hooks their own."""
 
-    def __init__(self, tick):
-        self.t, self.tick = 0.0, tick
+    def __init__(self):
+        self.t = 0.0
 
     def __call__(self):
-        self.t += self.tick
-        return self.t - self.tick
+        return self.t
 
 
-def _run_auto(max_overhead, *, steps=30, momentum=0.9, plain=100.0, tick=5.0, record=None):
+def _timed(tracker, *, pre=5.0, post=5.0, flush=0.0):
+    """Give the tracker's work fake durations on its auto sampler's clock."""
+    clock = tracker.auto.clock = _Clock()
+    def costing(f, cost):
+        def run(*args, **kw):
+            clock.t += cost
+            return f(*args, **kw)
+
+        return run
+
+    for name, cost in (("_pre_tracked", pre), ("_post_tracked", post), ("flush", flush)):
+        setattr(tracker, name, costing(getattr(tracker, name), cost))
+    return clock
+
+
+def _run_auto(max_overhead, *, steps=30, momentum=0.9, plain=100.0, flush=0.0, record=None):
     torch.manual_seed(0)
     x, y = synthetic_classification(n=64)
     model = MLPBN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum, weight_decay=5e-3)
     tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=10, sample_every="auto",
                              max_overhead=max_overhead)
-    clock = tracker.auto.clock = _Clock(tick)
+    clock = _timed(tracker, flush=flush)
     tracked = []
     for step in range(1, steps + 1):
         clock.t += plain
@@ -144,10 +159,9 @@ def _run_auto(max_overhead, *, steps=30, momentum=0.9, plain=100.0, tick=5.0, re
 
 @pytest.mark.parametrize(("max_overhead", "k"), [(0.02, 5), (0.01, 10)])
 def test_auto_interval_follows_the_measured_times(max_overhead, k):
-    """Each clock read takes 5 units, so a tracked step's hooks take 10 (pre 5 + post 5) and the
-    rest of a step 105–110: k = ⌈10 / (max_overhead · ~107)⌉. Steps 1–3 warm up, step 5 (after a
-    gap of 2) builds the plans of a step whose predecessor was untracked; neither is timed. Step 7
-    is the first timed one."""
+    """A tracked step's hooks take 10 units (pre 5 + post 5), the rest of a step 100:
+    k = ⌈10 / (max_overhead · 100)⌉. Steps 1–3 warm up, step 5 (after a gap of 2) builds the plans
+    of a step whose predecessor was untracked; neither is timed. Step 7 is the first timed one."""
     full, sampled = {}, {}
     _, p_full = _run(1, steps=30, record=full)
     tracker, tracked, params = _run_auto(max_overhead, record=sampled)
@@ -158,6 +172,16 @@ def test_auto_interval_follows_the_measured_times(max_overhead, k):
         for field in ("charge_before", "charge", "predicted", "residual"):
             torch.testing.assert_close(getattr(rec, field), getattr(full[step], field), rtol=0, atol=0,
                                        msg=f"{field} at step {step}")
+
+
+def test_auto_interval_leaves_room_for_the_logging_writes():
+    """Writes of 5 units at the logging steps (every 10th) cost about 0.5 a step whatever k is:
+    of the 2 units a step allowed (2 % of 100) the tracked steps get the rest, so k > 5."""
+    tracker, tracked, _ = _run_auto(0.02, steps=40, flush=5.0)
+    idle, n = tracker.auto._idle
+    assert idle == 5.0 * len({10, 20, 30, 40} - set(tracked)) and n == 40 - len(tracked)
+    # chosen at the last tracked step, with the writes seen by then; 5 without them
+    assert 5 < tracker.auto.k <= math.ceil(10 / (2.0 - idle / n))
 
 
 def test_auto_law_spans_the_untracked_steps():
@@ -190,12 +214,12 @@ def test_auto_steps_that_build_plans_are_not_timed():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=100, sample_every="auto",
                              max_overhead=0.02)
-    tracker.auto.clock = _Clock(5.0)
+    clock = _timed(tracker)
     end = tracker.auto.step_end
     tracker.auto.step_end = lambda step, tracked, now, one_time=False: (
         calls.append((step, tracked, one_time)), end(step, tracked, now, one_time=one_time))
     for _ in range(12):
-        tracker.auto.clock.t += 100.0
+        clock.t += 100.0
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
