@@ -7,11 +7,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .symmetries import SymmetryReport, module_calls, symmetries_from_graph
-from .tensorboard import Dashboard
+from .tensorboard import Dashboard, write_scalars
 from .tracker import NoetherTracker, format_summary
 
 __all__ = ["NoetherMonitor"]
@@ -149,9 +150,15 @@ class NoetherMonitor(Callback):
 
     @staticmethod
     def _sink(trainer: pl.Trainer) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
         def write(metrics: dict[str, float], step: int) -> None:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+                if isinstance(logger, TensorBoardLogger) and isinstance(logger.experiment, SummaryWriter):
+                    if trainer.is_global_zero:  # one event per logging step (log_metrics: one per value)
+                        write_scalars(logger.experiment, metrics, step)
+                else:
+                    logger.log_metrics(metrics, step=step)
 
         return write
 

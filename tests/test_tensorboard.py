@@ -257,3 +257,26 @@ def test_lightning_monitor_writes_the_dashboard_once(tmp_path):
     dirs = {os.path.relpath(d, tb.log_dir) for d, _, files in os.walk(tb.log_dir)
             if any(f.startswith("events.out.tfevents") for f in files)}
     assert dirs == {"."}
+    # a logger other than TensorBoard gets the same values through log_metrics
+    (csv,) = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+    with open(os.path.join(csv.log_dir, "metrics.csv")) as f:
+        header = f.readline().strip().split(",")
+    assert {"nld/scale/net.0/charge", "nld/scale/net.0/residual"} <= set(header)
+
+
+def test_one_event_per_step_reads_back_as_add_scalar_writes(tmp_path):
+    from nld_callbacks.tensorboard import write_scalars
+
+    metrics = {"nld/scale/a/charge": 1.25, "nld/scale/a/residual": 3e-3, "nld/rescale/b.c/predicted": -7.5}
+    for name, write in (("one", write_scalars), ("each", None)):
+        with SummaryWriter(tmp_path / name) as w:
+            for step in (2, 4):
+                if write is not None:
+                    write(w, {k: v * step for k, v in metrics.items()}, step)
+                else:
+                    for k, v in metrics.items():
+                        w.add_scalar(k, v * step, global_step=step)
+    one, each = _read(tmp_path / "one"), _read(tmp_path / "each")
+    assert sorted(one.Tags()["scalars"]) == sorted(each.Tags()["scalars"]) == sorted(metrics)
+    for k in metrics:
+        assert [(e.step, e.value) for e in one.Scalars(k)] == [(e.step, e.value) for e in each.Scalars(k)]
