@@ -925,11 +925,9 @@ class NoetherTracker:
         if self.layout is None or self._pre is None:
             self._post_step(optimizer)
             return
-        gap = self.step + 1 - self._last_tracked if self._last_tracked is not None else 1
-        if self.auto is not None:  # the optimizer steps since the last tracked one, this one included
-            self._span = self._since + 1 if self._last_tracked is not None else 1
-        else:
-            self._span = gap if self.sample_every != 1 and gap == self.sample_every else 1
+        # the optimizer steps since the last tracked one, this one included (counted by the hooks:
+        # a step a GradScaler skipped is not one)
+        self._span = self._since + 1 if self._last_tracked is not None else 1
         self._last_tracked, self._since = self.step + 1, 0
         theta, bufs = self._state(optimizer)
         grads = self._grads()

@@ -238,3 +238,24 @@ def test_auto_sampler_leaves_one_time_work_out():
     # no plain time after step 1 yet (one gap first); then own 1 s against plain 100 s: k = 1
     # (counting the 50 s step would make it 26)
     assert ks == [2, 1, 1] and s.next == 4
+
+
+def test_law_spans_the_optimizer_steps_the_hooks_saw():
+    """A step a GradScaler skips calls no optimizer hook; the trainer's clock still counts it
+    (`sync_step`). The law then spans the k − 1 real steps, not k."""
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=32)
+    model = MLPBN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=100, sample_every=5)
+    spans = {}
+    for step in range(1, 11):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step == 7:
+            tracker.sync_step(tracker.step + 1)  # skipped: no optimizer.step()
+        else:
+            opt.step()
+        if tracker.last is not None and tracker.last.step == step:
+            spans[step] = tracker._span
+    assert spans == {5: 1, 10: 4} and tracker.skipped_steps == 1
