@@ -150,15 +150,12 @@ class NoetherMonitor(Callback):
 
     @staticmethod
     def _sink(trainer: pl.Trainer) -> Any:
-        from torch.utils.tensorboard import SummaryWriter
-
         def write(metrics: dict[str, float], step: int) -> None:
             for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger) and isinstance(logger.experiment, SummaryWriter):
-                    if trainer.is_global_zero:  # one event per logging step (log_metrics: one per value)
-                        write_scalars(logger.experiment, metrics, step)
-                else:
+                if not isinstance(logger, TensorBoardLogger):
                     logger.log_metrics(metrics, step=step)
+                elif trainer.is_global_zero:  # one event per logging step (log_metrics: one per value)
+                    write_scalars(logger.experiment, metrics, step)
 
         return write
 

@@ -568,7 +568,7 @@ class NoetherTracker:
         #: the interval chooser of ``sample_every="auto"`` (None otherwise)
         self.auto: AutoSampler | None = AutoSampler(max_overhead) if sample_every == "auto" else None
         self._span = 1  # optimizer steps the tracked step stands for (sample_every)
-        self._last_tracked: int | None = None
+        self._tracked_before = False
         self._since = 0  # untracked optimizer steps since the last tracked one
         self._plans = 0  # reduction plans built so far (auto sampling: a step that builds one is not timed)
         self.opt_model: OptimizerModel = optimizer_model(optimizer)
@@ -927,8 +927,8 @@ class NoetherTracker:
             return
         # the optimizer steps since the last tracked one, this one included (counted by the hooks:
         # a step a GradScaler skipped is not one)
-        self._span = self._since + 1 if self._last_tracked is not None else 1
-        self._last_tracked, self._since = self.step + 1, 0
+        self._span = self._since + 1 if self._tracked_before else 1
+        self._tracked_before, self._since = True, 0
         theta, bufs = self._state(optimizer)
         grads = self._grads()
         # the next step is tracked: keep this one's θ-sums
