@@ -16,6 +16,12 @@ over rounds and its interquartile range (IQR). Instrumentations:
 * ``grad_norm``: Lightning's ``lightning.pytorch.utilities.grad_norm`` logged every step;
 * ``item``: a per-parameter norm logger (``.item()`` on every weight and gradient norm).
 
+Beside the A/B ratios each instrumented arm reports its *own* time: the wall-clock time spent inside
+its hooks (for the monitor under Lightning: its per-step callback hooks and its trackers' optimizer
+hooks) over the plain run's step time. Run-to-run variation of the training step itself (several
+per cent between two identical Lightning runs on a shared 2-core machine) blurs the A/B ratio; the
+own time measures the added work directly.
+
 Peak memory is the peak of torch's CPU allocator (allocation and free events recorded by
 ``torch.profiler`` with ``profile_memory=True``, over one run from model creation on), or
 ``torch.cuda.max_memory_allocated`` on CUDA. ``nld bench detect`` times
@@ -165,6 +171,35 @@ class _Instrument:
         """Remove every hook."""
 
 
+def _clocked(tracker: NoetherTracker, inst: Any) -> list[Any]:
+    """Clock hooks around the tracker's own optimizer hooks (hooks run in registration order).
+
+    The time between them goes to ``inst.spent`` while ``inst.timing`` is set. Returns the handles.
+    """
+    opt = tracker.optimizer
+    tracker.detach()
+    t0 = [0.0]
+
+    def start(*_: Any) -> None:
+        t0[0] = time.perf_counter()
+
+    def stop(*_: Any) -> None:
+        if inst.timing:
+            inst.spent += time.perf_counter() - t0[0]
+
+    handles = [opt.register_step_pre_hook(start), opt.register_step_post_hook(start)]
+    tracker.attach()
+    return handles + [opt.register_step_pre_hook(stop), opt.register_step_post_hook(stop)]
+
+
+def _warmup_steps(sample_every: int | str, steps: int) -> int:
+    """Untimed steps for a tracker sampling every ``sample_every`` steps: its one-time set-up stays out."""
+    if sample_every == "auto":  # long enough for the interval to be measured and used
+        return max(steps, 100)
+    # the first two tracked steps build the reduction plans: with sampling they come late
+    return max(steps, 2 * sample_every) if sample_every != 1 else steps  # type: ignore[operator]
+
+
 class _Tracker(_Instrument):
     def __init__(self, every: int, sample_every: int | str = 1) -> None:
         self.every, self.sample_every = every, sample_every
@@ -172,27 +207,11 @@ class _Tracker(_Instrument):
         self.tracker: NoetherTracker | None = None
 
     def warmup(self, steps: int) -> int:
-        # the first two tracked steps build the reduction plans: with sampling they come late
-        if self.sample_every == "auto":  # long enough for the interval to be measured and used
-            return max(steps, 100)
-        return max(steps, 2 * self.sample_every) if self.sample_every != 1 else steps  # type: ignore[operator]
+        return _warmup_steps(self.sample_every, steps)
 
     def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
         self.tracker = NoetherTracker(model, opt, report, log_every_n_steps=self.every, sample_every=self.sample_every)
-        # clock hooks around the tracker's own (hooks run in registration order)
-        self.tracker.detach()
-        t0 = [0.0]
-
-        def start(*_: Any) -> None:
-            t0[0] = time.perf_counter()
-
-        def stop(*_: Any) -> None:
-            if self.timing:
-                self.spent += time.perf_counter() - t0[0]
-
-        self.handles = [opt.register_step_pre_hook(start), opt.register_step_post_hook(start)]
-        self.tracker.attach()
-        self.handles += [opt.register_step_pre_hook(stop), opt.register_step_post_hook(stop)]
+        self.handles = _clocked(self.tracker, self)
 
     def close(self) -> None:
         if self.tracker is not None:
@@ -505,10 +524,10 @@ def _interleaved(work: Workload, insts: Sequence[_Instrument], report: SymmetryR
         added = [1e3 * (a.wall - b.wall) for a, b in zip(runs[i], base)]
         added_cpu = [1e3 * (a.cpu - b.cpu) for a, b in zip(runs[i], base)]
         every = "-" if arm.every is None else str(arm.every)
-        own = [1.0 + a.own / b.wall for a, b in zip(runs[i], base)]
+        own = [1.0 + a.own / b.wall for a, b in zip(runs[i], base)] if i else []  # the plain run has none
         rows.append(Row(work.name, arm.label, every, 1e3 * statistics.median(b.wall for b in base), Stats.of(t),
                         Stats.of(c), Stats.of(added), mem[i] / mem[0] if mem[0] else math.nan, Stats.of(added_cpu),
-                        Stats.of(own), Stats.of([1e3 * a.own for a in runs[i]])))
+                        Stats.of(own), Stats.of([1e3 * a.own for a in runs[i]] if i else [])))
     return rows
 
 
@@ -597,48 +616,91 @@ def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> lis
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return work.optimizer(self)
 
+    class Timed(NoetherMonitor):
+        """The monitor with its own time measured: its per-step Lightning hooks and its trackers' hooks."""
+
+        timing = False
+        spent = 0.0
+
+        @contextmanager
+        def _clock(self) -> Iterator[None]:
+            t0 = time.perf_counter()
+            yield
+            if self.timing:
+                self.spent += time.perf_counter() - t0
+
+        def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            super().on_fit_start(trainer, pl_module)
+            self.handles = [h for t in self.trackers for h in _clocked(t, self)]
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            with self._clock():
+                super().on_train_batch_start(*args)
+
+        def on_before_backward(self, *args: Any) -> None:
+            with self._clock():
+                super().on_before_backward(*args)
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            with self._clock():
+                super().on_train_batch_end(*args)
+
+        def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            super().on_fit_end(trainer, pl_module)
+            for h in self.handles:
+                h.remove()
+
     class Clock(pl.Callback):
-        def __init__(self) -> None:
+        def __init__(self, warmup: int, timed: list[Timed]) -> None:
+            self.warmup, self.timed = warmup, timed
             self.t0 = self.c0 = 0.0
             self.wall = self.cpu = 0.0
 
         def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            if trainer.global_step == cfg.warmup:
+            if trainer.global_step == self.warmup:
                 _sync(cfg.device)
                 self.t0, self.c0 = time.perf_counter(), time.thread_time()
+                for m in self.timed:
+                    m.timing = True
 
         def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
             _sync(cfg.device)
             self.wall = (time.perf_counter() - self.t0) / cfg.steps
             self.cpu = (time.thread_time() - self.c0) / cfg.steps
+            for m in self.timed:
+                m.timing = False
 
     batches = [(x.cpu(), y.cpu()) for x, y in work.batches]
-    data = [batches[i % len(batches)] for i in range(cfg.warmup + cfg.steps)]
     accel = "gpu" if cfg.device.type == "cuda" else "cpu"
-    arms: list[tuple[str, str, Callable[[], list[pl.Callback]], bool]] = [
-        ("none", "-", list, False),
-        ("NoetherMonitor", "1", lambda: [NoetherMonitor(log_every_n_steps=1, verbose=False)], False),
-        ("NoetherMonitor", "50", lambda: [NoetherMonitor(log_every_n_steps=50, verbose=False)], False),
+    # label, log every, monitor arguments (None: no monitor), grad_norm logged
+    arms: list[tuple[str, str, dict[str, Any] | None, bool]] = [
+        ("none", "-", None, False),
+        ("NoetherMonitor", "1", {"log_every_n_steps": 1}, False),
+        ("NoetherMonitor", "50", {"log_every_n_steps": 50}, False),
         (f"NoetherMonitor sampled {_sampling(sample_every)}", "50",
-         lambda: [NoetherMonitor(log_every_n_steps=50, verbose=False, sample_every=sample_every)], False),
-        ("grad_norm", "1", list, True),
+         {"log_every_n_steps": 50, "sample_every": sample_every}, False),
+        ("grad_norm", "1", None, True),
     ]
+    # every arm runs as long as the longest warm-up asks (the automatic interval settles first)
+    warmup = max(_warmup_steps(a[2].get("sample_every", 1), cfg.warmup) for a in arms if a[2] is not None)
+    data = [batches[i % len(batches)] for i in range(warmup + cfg.steps)]
     runs: list[list[Timing]] = [[] for _ in arms]
     tmp = tempfile.mkdtemp(prefix="nld_bench_")
 
     def run(i: int) -> Timing:
-        label, every, callbacks, gn = arms[i]
+        label, every, kwargs, gn = arms[i]
         torch.manual_seed(0)
-        clock = Clock()
+        monitors = [] if kwargs is None else [Timed(verbose=False, **kwargs)]
+        clock = Clock(warmup, monitors)
         trainer = pl.Trainer(
-            max_steps=cfg.warmup + cfg.steps, accelerator=accel, devices=1,
+            max_steps=warmup + cfg.steps, accelerator=accel, devices=1,
             logger=TensorBoardLogger(tmp, name=f"arm{i}"), log_every_n_steps=int(every) if every != "-" else 50,
-            callbacks=[*callbacks(), clock], enable_progress_bar=False, enable_checkpointing=False,
+            callbacks=[*monitors, clock], enable_progress_bar=False, enable_checkpointing=False,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         )
         loader = DataLoader(data, batch_size=None, shuffle=False)
         trainer.fit(Module(gn), loader)
-        return Timing(clock.wall, clock.cpu)
+        return Timing(clock.wall, clock.cpu, sum(m.spent for m in monitors) / cfg.steps)
 
     import logging
 
@@ -665,8 +727,10 @@ def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> lis
         c = [a.cpu / b.cpu for a, b in zip(runs[i], base)]
         added = [1e3 * (a.wall - b.wall) for a, b in zip(runs[i], base)]
         added_cpu = [1e3 * (a.cpu - b.cpu) for a, b in zip(runs[i], base)]
+        own = [1.0 + a.own / b.wall for a, b in zip(runs[i], base)] if arms[i][2] is not None else []
         rows.append(Row(work.name + " (Lightning)", label, every, 1e3 * statistics.median(b.wall for b in base),
-                        Stats.of(t), Stats.of(c), Stats.of(added), math.nan, Stats.of(added_cpu)))
+                        Stats.of(t), Stats.of(c), Stats.of(added), math.nan, Stats.of(added_cpu), Stats.of(own),
+                        Stats.of([1e3 * a.own for a in runs[i]] if own else [])))
     return rows
 
 
@@ -797,7 +861,8 @@ def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int 
                                 (f"NoetherMonitor sampled {_sampling(sample_every)}", "50", 1.03)):
         r = _find(lt, lt[0].model, label, every) if lt else None
         if r is not None:
-            check(f"cnn (Lightning), {label} every {every}: time ratio", r.time.median, r.cpu.median, None, limit)
+            check(f"cnn (Lightning), {label} every {every}: time ratio", r.time.median, r.cpu.median,
+                  r.own.median if r.own.n else None, limit)
     if len(depth) >= 2:
         a, b = depth[0], depth[-1]
 

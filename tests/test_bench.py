@@ -76,6 +76,51 @@ def test_overhead_tables_have_finite_ratios(quick_output):
         assert t[1][1] == "none" and t[1][4].startswith("1.000")  # the plain run against itself
     for expected in ("nld", "nld sampled 1/10", "floor", "grad_norm", "item", "NoetherMonitor"):
         assert expected in labels
+    # own time: measured for every instrumented arm of plain PyTorch and the monitor under Lightning
+    for t in overhead:
+        col = t[0].index("1 + own/plain [IQR]")
+        for row in t[1:]:
+            timed = row[1] != "none" and (not row[0].endswith("(Lightning)") or row[1].startswith("NoetherMonitor"))
+            assert (row[col] != "-") == timed, row
+
+
+def test_clocked_counts_the_trackers_hooks_only(monkeypatch):
+    """The own-time clock takes what the tracker's hooks spend, not other hooks', and only while timing."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from nld_callbacks import NoetherTracker, find_symmetries
+
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = NoetherTracker(model, opt, find_symmetries(model, x), log_every_n_steps=1000)
+    pre, post = tracker._pre_hook, tracker._post_hook
+
+    def costly(hook, cost):
+        def run(*args):
+            hook(*args)
+            now[0] += cost
+        return run
+
+    tracker._pre_hook, tracker._post_hook = costly(pre, 3.0), costly(post, 4.0)  # what attach() registers
+    opt.register_step_pre_hook(lambda *_: now.__setitem__(0, now[0] + 100.0))  # someone else's hooks
+    inst = SimpleNamespace(timing=False, spent=0.0)
+    handles = bench._clocked(tracker, inst)
+    opt.register_step_post_hook(lambda *_: now.__setitem__(0, now[0] + 100.0))
+    for step in range(5):
+        inst.timing = step >= 2
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert inst.spent == 3 * (3.0 + 4.0)
+    for h in handles:
+        h.remove()
+    tracker.detach()
 
 
 def test_cost_growth_table_counts_ops(quick_output):
