@@ -264,6 +264,39 @@ def test_lightning_monitor_writes_the_dashboard_once(tmp_path):
     assert {"nld/scale/net.0/charge", "nld/scale/net.0/residual"} <= set(header)
 
 
+def test_one_histogram_event_per_step_reads_back_as_add_histogram_raw_writes(tmp_path):
+    from nld_callbacks.tensorboard import write_histograms
+
+    rows = {"nld/scale/a/neuron_charge": [0.5, 3.0, 4.0, 6.0, 14.0, 1.0, 1.0, 2.0],
+            "nld/scale/b.c/neuron_effective_lr": [2.0, 2.0, 3.0, 6.0, 12.0, 3.0, 0.0, 0.0]}
+    hists = {t: histogram_kwargs(r) for t, r in rows.items()}
+    for name in ("one", "each"):
+        with SummaryWriter(tmp_path / name) as w:
+            for step in (3, 6):
+                if name == "one":
+                    write_histograms(w, hists, step)
+                else:
+                    for t, kw in hists.items():
+                        w.add_histogram_raw(t, global_step=step, **kw)
+    one, each = _read(tmp_path / "one"), _read(tmp_path / "each")
+    assert sorted(one.Tags()["histograms"]) == sorted(each.Tags()["histograms"]) == sorted(rows)
+    for t in rows:
+        got, want = one.Histograms(t), each.Histograms(t)
+        assert [(e.step, e.histogram_value) for e in got] == [(e.step, e.histogram_value) for e in want]
+        assert got[0].histogram_value.bucket == hists[t]["bucket_counts"]
+
+    class Raw:  # a SummaryWriter-like object: one add_histogram_raw per tag
+        def __init__(self):
+            self.calls = []
+
+        def add_histogram_raw(self, tag, global_step, **kw):
+            self.calls.append((tag, global_step, kw))
+
+    raw = Raw()
+    write_histograms(raw, hists, 9)
+    assert raw.calls == [(t, 9, kw) for t, kw in hists.items()]
+
+
 def test_one_event_per_step_reads_back_as_add_scalar_writes(tmp_path):
     from nld_callbacks.tensorboard import write_scalars
 
