@@ -972,7 +972,8 @@ def main(argv: Sequence[str]) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     t_start = time.perf_counter()
     print(f"nld bench: torch {torch.__version__}, {dev}, {cfg.threads} thread(s), {cfg.rounds} interleaved "
-          f"round(s), {cfg.steps} timed steps after {cfg.warmup} warm-up steps per run; {_load()}")
+          f"round(s), {cfg.steps} timed steps after {cfg.warmup} warm-up steps per run"
+          f" (sampled arms and, under Lightning, every arm: {_warmup_steps(ns.sample_every, cfg.warmup)}); {_load()}")
     print("time ratio = instrumented / plain run of the same round (wall clock per step), median [IQR] over rounds;")
     print("cpu-time = the same with this thread's CPU time (time.thread_time; all work runs on it at 1 thread);")
     print("peak mem = peak bytes of torch's " + ("CUDA allocator (max_memory_allocated)" if dev.type == "cuda" else
