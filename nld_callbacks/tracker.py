@@ -1369,8 +1369,10 @@ class NoetherTracker:
         if lay is None or last is None or last.charge.numel() != lay.n_neurons or self._sharded:
             return None  # row shards: each rank holds some neurons; no per-neuron histogram
         n = len(lay.groups)
-        return torch.stack([bin_on_device(last.charge, lay.group_index, n, self.histogram_bins),
-                            bin_on_device(last.effective_lr, lay.group_index, n, self.histogram_bins)])
+        # both vectors in one binning: the rates' groups numbered after the charges'
+        both = bin_on_device(torch.cat([last.charge, last.effective_lr]),
+                             torch.cat([lay.group_index, lay.group_index + n]), 2 * n, self.histogram_bins)
+        return both.view(2, n, -1)
 
     def _histogram_tags(self, rows: Sequence[Sequence[Sequence[float]]] | None) -> dict[str, Sequence[float]]:
         out: dict[str, Sequence[float]] = {}
