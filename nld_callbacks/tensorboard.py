@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -220,6 +220,23 @@ class ScalarWriter(Protocol):
     def add_scalar(self, tag: str, value: float, global_step: int) -> Any: ...
 
 
+def _one_event(writer: Any, step: int, values: Callable[[Any], list[Any]]) -> bool:
+    """Write ``values(summary_pb2)`` as one event if ``writer`` is a torch ``SummaryWriter``.
+
+    Returns False (nothing written) for any other writer.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not isinstance(writer, SummaryWriter):
+        return False
+    from tensorboard.compat.proto import summary_pb2
+
+    entries = values(summary_pb2)
+    if entries:
+        writer._get_file_writer().add_summary(summary_pb2.Summary(value=entries), step)
+    return True
+
+
 def write_scalars(writer: ScalarWriter, metrics: Mapping[str, float], step: int) -> None:
     """Write flat scalars (never ``add_scalars``, which creates extra runs).
 
@@ -227,14 +244,8 @@ def write_scalars(writer: ScalarWriter, metrics: Mapping[str, float], step: int)
     entries ``add_scalar`` writes, one protobuf and one write instead of one per value: some 190
     values take about 1 ms instead of 18); any other writer gets ``add_scalar`` per value.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    if isinstance(writer, SummaryWriter):
-        if metrics:
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            values = [Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
-            writer._get_file_writer().add_summary(Summary(value=values), step)
+    if _one_event(writer, step, lambda pb: [pb.Summary.Value(tag=k, simple_value=float(v))
+                                            for k, v in metrics.items()]):
         return
     for k, v in metrics.items():
         writer.add_scalar(k, v, global_step=step)
@@ -369,16 +380,9 @@ def write_histograms(writer: Any, histograms: Mapping[str, Mapping[str, Any]], s
     logging step's ~20 histograms took some 3 ms one by one); any other writer gets
     ``add_histogram_raw`` per tag.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    if isinstance(writer, SummaryWriter):
-        if histograms:
-            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-
-            values = [Summary.Value(tag=t, histo=HistogramProto(
-                min=kw["min"], max=kw["max"], num=kw["num"], sum=kw["sum"], sum_squares=kw["sum_squares"],
-                bucket_limit=kw["bucket_limits"], bucket=kw["bucket_counts"])) for t, kw in histograms.items()]
-            writer._get_file_writer().add_summary(Summary(value=values), step)
+    if _one_event(writer, step, lambda pb: [pb.Summary.Value(tag=t, histo=pb.HistogramProto(
+            min=kw["min"], max=kw["max"], num=kw["num"], sum=kw["sum"], sum_squares=kw["sum_squares"],
+            bucket_limit=kw["bucket_limits"], bucket=kw["bucket_counts"])) for t, kw in histograms.items()]):
         return
     for t, kw in histograms.items():
         writer.add_histogram_raw(t, global_step=step, **kw)
