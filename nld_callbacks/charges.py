@@ -107,6 +107,9 @@ class _Reduction:
     size: int
 
 
+# The dense factor of one sparse product on the CPU, at most (its column-major copy is made per call).
+_APPLY_BYTES = 1 << 19
+
 # A chunk this large costs more in memory traffic (the fused path copies before it multiplies)
 # than one more dispatched op: it is multiplied straight into the scratch buffer instead.
 _DIRECT = 1 << 14
@@ -653,8 +656,8 @@ class ChargeLayout:
         """A sparse matrix of the layout, built once per dtype.
 
         ``signed``/``unsigned``: group neurons × reductions (the members' signs, or ones);
-        ``groups``: groups × group neurons (ones). Stored transposed, compressed by column (CSC) on
-        the CPU, where ``dense @ csc`` reads the rows in place; CSR elsewhere.
+        ``groups``: groups × group neurons (ones). Stored transposed, compressed by column (CSC,
+        int32 indices) on the CPU, for MKL's ``dense @ csc``; CSR elsewhere.
         """
         key = (which, dtype)
         m = self._matrices.get(key)
@@ -671,7 +674,12 @@ class ChargeLayout:
             with warnings.catch_warnings():  # torch calls its CSR support "beta" at every construction
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
                 coo = coo.coalesce()
-                m = coo.t().coalesce().to_sparse_csc() if self.device.type == "cpu" else coo.to_sparse_csr()
+                if self.device.type == "cpu":  # int32 indices: what MKL reads (int64 ones are converted per call)
+                    m = coo.t().coalesce().to_sparse_csc()
+                    m = torch.sparse_csc_tensor(m.ccol_indices().int(), m.row_indices().int(), m.values(), m.shape,
+                                                check_invariants=True)
+                else:
+                    m = coo.to_sparse_csr()
                 self._matrices[key] = m
         return m
 
@@ -681,9 +689,13 @@ class ChargeLayout:
         flat = values.reshape(-1, values.shape[-1])
         m = self._matrix(which, values.dtype)
         if m.layout == torch.sparse_csc:
-            # into a fresh output (beta=0 ignores its contents): half the time and memory of mm()
+            # into a fresh output (beta=0 ignores its contents): half the time and memory of mm();
+            # a few rows at a time, as the product copies its dense factor column-major first
             out = flat.new_empty(flat.shape[0], n_out)
-            torch.addmm(out, flat, m, beta=0, out=out)
+            rows = max(1, _APPLY_BYTES // max(1, flat.shape[1] * flat.element_size()))
+            for a in range(0, flat.shape[0], rows):
+                o, f = (out, flat) if rows >= flat.shape[0] else (out[a : a + rows], flat[a : a + rows])
+                torch.addmm(o, f, m, beta=0, out=o)
         else:
             out = torch.mm(m, flat.mT).mT
         return out.reshape(*lead, n_out)

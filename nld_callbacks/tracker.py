@@ -969,11 +969,13 @@ class NoetherTracker:
         if carry and self.layout is lay:
             P1 = lay.reduce(theta, bufs) if any(b is not None for b in bufs.values()) else None
             linear = self._linear_sums(theta, bufs, T1)
-            if P1 is not None:  # copies of two rows: the step's other products are not kept
-                Q1, P1 = torch.stack([Q1, P1]).unbind()
-            else:
-                Q1 = Q1.clone()
-            self._carry = _Carry(self.step + 1, self._key(theta, bufs), Q1, P1, linear)
+            # one copy of the carried rows: a view would keep every product of the step alive
+            rows = [Q1, P1, *(linear if linear is not None else (None, None))]
+            kept = iter(torch.stack([r for r in rows if r is not None]).unbind())
+            Qc, Pc, Tc, Sc = (None if r is None else next(kept) for r in rows)
+            assert Qc is not None
+            self._carry = _Carry(self.step + 1, self._key(theta, bufs), Qc, Pc,
+                                 None if Tc is None else (Tc, Sc))
         self.step += 1
         if self.schedule(self.step):
             self.flush()

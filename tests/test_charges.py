@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nld_callbacks import charges
 from nld_callbacks.charges import ChargeLayout, bilinear_reference, linear_reference
 from nld_callbacks.symmetries import Member, SymmetryGroup
 
@@ -63,6 +64,21 @@ def test_per_group_aggregates():
     maxes = lay.per_group(vals, "amax")
     for i, part in enumerate(lay.split(vals)):
         assert sums[i] == part.sum() and maxes[i] == part.max()
+
+
+def test_to_groups_of_many_rows_in_blocks(monkeypatch):
+    # on the CPU a product of many rows runs a few rows at a time (the sparse product copies its
+    # dense factor): any block size gives bitwise the rows mapped one by one, and the reference
+    lay = ChargeLayout(GROUPS, SHAPES)
+    pairs = [(_tensors(i), _tensors(i + 10)) for i in range(5)]
+    rows = torch.stack([lay.reduce(X, Y) for X, Y in pairs])
+    one_by_one = torch.stack([lay.to_groups(r) for r in rows])
+    for block_rows in (1, 2, 3, 5):
+        monkeypatch.setattr(charges, "_APPLY_BYTES", block_rows * lay.n_reductions * 8)
+        assert torch.equal(lay.to_groups(rows), one_by_one), block_rows
+    for (X, Y), got in zip(pairs, one_by_one):
+        for g, part in zip(GROUPS, lay.split(got)):
+            torch.testing.assert_close(part, bilinear_reference(g, X, Y), rtol=1e-13, atol=1e-13, msg=g.key)
 
 
 def test_params_to_groups_sums_each_neurons_parameters():

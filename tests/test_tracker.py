@@ -213,6 +213,11 @@ def test_pre_step_sums_are_carried_unless_the_tensors_changed(momentum):
     for _ in range(4):
         step()
     assert len(reads) == 1 + 4  # the first pre-hook reads; later ones reuse the post-hook's sums
+    carry = tracker._carry
+    carried = [t for t in (carry.Q, carry.P, *(carry.linear or ())) if t is not None]
+    assert len(carried) == (4 if momentum else 2)  # Q and T, with momentum also P and S
+    # one copy of the carried rows: no view keeps the step's other products alive
+    assert {t.untyped_storage().nbytes() for t in carried} == {len(carried) * tracker.layout.n_reductions * 8}
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
