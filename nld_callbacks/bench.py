@@ -13,8 +13,12 @@ over rounds and its interquartile range (IQR). Instrumentations:
   and the sampled mode), and :class:`~nld_callbacks.NoetherMonitor` on the Lightning CNN;
 * ``floor``: one fused ``torch._foreach_norm`` per step over exactly the monitored parameters,
   gradients and momentum buffers, the least any exact per-step identity must read;
-* ``grad_norm``: Lightning's ``lightning.pytorch.utilities.grad_norm`` logged every step;
-* ``item``: a per-parameter norm logger (``.item()`` on every weight and gradient norm).
+* ``grad_norm``: Lightning's ``lightning.pytorch.utilities.grad_norm`` every step;
+* ``item``: a per-parameter norm logger (``.item()`` on every weight and gradient norm, :func:`item_norms`).
+
+In plain loops the two references and the tracker compute their values and write them nowhere;
+under Lightning every arm has a TensorBoard logger, and the references are logged every step with
+``self.log_dict`` from ``on_before_optimizer_step``, as Lightning users log them.
 
 Beside the A/B ratios each instrumented arm reports its *own* time: the wall-clock time spent inside
 its hooks (for the monitor under Lightning: its per-step callback hooks and its trackers' optimizer
@@ -265,6 +269,24 @@ class _GradNorm(_Instrument):
         self.logged = {k: float(v) for k, v in self.fn(model, norm_type=2).items()}
 
 
+def item_norms(model: nn.Module) -> dict[str, float]:
+    """Every parameter's weight norm and gradient norm, one ``.item()`` each (the reference logger).
+
+    Example:
+        >>> net = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.copy_(torch.tensor([[3.0, 4.0]]))
+        >>> item_norms(net)
+        {'weight_norm/weight': 5.0}
+    """
+    out = {}
+    for n, p in model.named_parameters():
+        out[f"weight_norm/{n}"] = p.detach().norm().item()
+        if p.grad is not None:
+            out[f"grad_norm/{n}"] = p.grad.norm().item()
+    return out
+
+
 class _ItemLogger(_Instrument):
     """Per-parameter weight and gradient norms with one ``.item()`` each, every step."""
 
@@ -272,12 +294,7 @@ class _ItemLogger(_Instrument):
     every = 1
 
     def after_backward(self, model: nn.Module) -> None:
-        out = {}
-        for n, p in model.named_parameters():
-            out[f"weight_norm/{n}"] = p.detach().norm().item()
-            if p.grad is not None:
-                out[f"grad_norm/{n}"] = p.grad.norm().item()
-        self.logged = out
+        self.logged = item_norms(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,10 +616,10 @@ def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> lis
     from .callback import NoetherMonitor
 
     class Module(pl.LightningModule):
-        def __init__(self, log_grad_norm: bool) -> None:
+        def __init__(self, reference: str | None) -> None:
             super().__init__()
             self.net = work.make()
-            self.log_grad_norm = log_grad_norm
+            self.reference = reference
 
         def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
             loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
@@ -610,8 +627,11 @@ def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> lis
             return loss
 
         def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-            if self.log_grad_norm:
+            # the reference instrumentations, logged every step the way Lightning users log them
+            if self.reference == "grad_norm":
                 self.log_dict(grad_norm(self, norm_type=2))
+            elif self.reference == "item":
+                self.log_dict(item_norms(self))
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return work.optimizer(self)
@@ -672,14 +692,15 @@ def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> lis
 
     batches = [(x.cpu(), y.cpu()) for x, y in work.batches]
     accel = "gpu" if cfg.device.type == "cuda" else "cpu"
-    # label, log every, monitor arguments (None: no monitor), grad_norm logged
-    arms: list[tuple[str, str, dict[str, Any] | None, bool]] = [
-        ("none", "-", None, False),
-        ("NoetherMonitor", "1", {"log_every_n_steps": 1}, False),
-        ("NoetherMonitor", "50", {"log_every_n_steps": 50}, False),
+    # label, log every, monitor arguments (None: no monitor), reference logged by the module
+    arms: list[tuple[str, str, dict[str, Any] | None, str | None]] = [
+        ("none", "-", None, None),
+        ("NoetherMonitor", "1", {"log_every_n_steps": 1}, None),
+        ("NoetherMonitor", "50", {"log_every_n_steps": 50}, None),
         (f"NoetherMonitor sampled {_sampling(sample_every)}", "50",
-         {"log_every_n_steps": 50, "sample_every": sample_every}, False),
-        ("grad_norm", "1", None, True),
+         {"log_every_n_steps": 50, "sample_every": sample_every}, None),
+        ("grad_norm", "1", None, "grad_norm"),
+        ("item", "1", None, "item"),
     ]
     # every arm runs as long as the longest warm-up asks (the automatic interval settles first)
     warmup = max(_warmup_steps(a[2].get("sample_every", 1), cfg.warmup) for a in arms if a[2] is not None)
@@ -688,7 +709,7 @@ def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> lis
     tmp = tempfile.mkdtemp(prefix="nld_bench_")
 
     def run(i: int) -> Timing:
-        label, every, kwargs, gn = arms[i]
+        label, every, kwargs, reference = arms[i]
         torch.manual_seed(0)
         monitors = [] if kwargs is None else [Timed(verbose=False, **kwargs)]
         clock = Clock(warmup, monitors)
@@ -699,7 +720,7 @@ def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> lis
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         )
         loader = DataLoader(data, batch_size=None, shuffle=False)
-        trainer.fit(Module(gn), loader)
+        trainer.fit(Module(reference), loader)
         return Timing(clock.wall, clock.cpu, sum(m.spent for m in monitors) / cfg.steps)
 
     import logging
@@ -829,6 +850,16 @@ def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int 
     def over(a: Stats, b: Stats) -> float:
         return a.median / b.median if b.median > 0 else math.inf
 
+    def against_references(some: Sequence[Row], model: str, label: str) -> None:
+        ours = _find(some, model, label, "1")
+        for ref in ("grad_norm", "item"):
+            rr = _find(some, model, ref, "1")
+            if ours is not None and rr is not None:
+                own = ours.own_ms.median - rr.own_ms.median if ours.own.n and rr.own.n else None
+                check(f"{model}, added ms of {label} every step minus {ref} every step",
+                      ours.added_ms.median - rr.added_ms.median, ours.added_cpu_ms.median - rr.added_cpu_ms.median,
+                      own, 0.0, " ms")
+
     sampled = f"nld sampled {_sampling(sample_every)}"
     for model in ("cnn", "mlp"):
         if model == "cnn":
@@ -849,13 +880,7 @@ def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int 
             if r.model == model and r.label.startswith("nld") and not math.isnan(r.mem):
                 out.append(f"{mark(r.mem <= 1.02)} -       {model}, {r.label} every {r.every}: "
                            f"peak memory ratio {r.mem:.3f}x (target <= 1.02x)")
-        nld1 = _find(rows, model, "nld", "1")
-        for ref in ("grad_norm", "item"):
-            rr = _find(rows, model, ref, "1")
-            if nld1 is not None and rr is not None:
-                check(f"{model}, added ms of nld every step minus {ref} every step",
-                      nld1.added_ms.median - rr.added_ms.median, nld1.added_cpu_ms.median - rr.added_cpu_ms.median,
-                      nld1.own_ms.median - rr.own_ms.median, 0.0, " ms")
+        against_references(rows, model, "nld")
     lt = [r for r in rows if r.model.endswith("(Lightning)")]
     for label, every, limit in (("NoetherMonitor", "1", 1.02), ("NoetherMonitor", "50", 1.01),
                                 (f"NoetherMonitor sampled {_sampling(sample_every)}", "50", 1.03)):
@@ -863,6 +888,8 @@ def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int 
         if r is not None:
             check(f"cnn (Lightning), {label} every {every}: time ratio", r.time.median, r.cpu.median,
                   r.own.median if r.own.n else None, limit)
+    if lt:  # both references log through the trainer every step, as the monitor does
+        against_references(lt, lt[0].model, "NoetherMonitor")
     if len(depth) >= 2:
         a, b = depth[0], depth[-1]
 

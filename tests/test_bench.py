@@ -76,6 +76,8 @@ def test_overhead_tables_have_finite_ratios(quick_output):
         assert t[1][1] == "none" and t[1][4].startswith("1.000")  # the plain run against itself
     for expected in ("nld", "nld sampled 1/10", "floor", "grad_norm", "item", "NoetherMonitor"):
         assert expected in labels
+    lightning = {row[1] for row in overhead[2][1:]}
+    assert {"grad_norm", "item"} <= lightning  # the references logged through the trainer too
     # own time: measured for every instrumented arm of plain PyTorch and the monitor under Lightning
     for t in overhead:
         col = t[0].index("1 + own/plain [IQR]")
@@ -157,3 +159,27 @@ def test_stats_and_bad_device():
     assert math.isnan(bench.Stats.of([]).median)
     if not torch.cuda.is_available():
         assert bench.main(["--device", "cuda"]) == 2
+
+
+def test_reference_verdicts_compare_added_time_under_lightning_too():
+    """The added time of the monitor against each reference, per setting; own time only where both have it."""
+    def row(model, label, added, own=()):
+        st = bench.Stats.of([added])
+        return bench.Row(model, label, "1", 10.0, bench.Stats.of([1 + added / 10]), bench.Stats.of([1 + added / 10]),
+                         st, added_cpu_ms=st, own=bench.Stats.of([1 + o / 10 for o in own]),
+                         own_ms=bench.Stats.of(list(own)))
+
+    rows = [row("cnn", "nld", 2.0, [1.9]), row("cnn", "grad_norm", 0.5, [0.4]), row("cnn", "item", 2.5, [2.4]),
+            row("cnn (Lightning)", "NoetherMonitor", 3.0, [2.0]), row("cnn (Lightning)", "grad_norm", 5.0),
+            row("cnn (Lightning)", "item", 2.0)]
+    lines = [ln for ln in bench._verdicts(rows, [], 10) if " minus " in ln]
+    assert lines == [
+        "MISSED MISSED  cnn, added ms of nld every step minus grad_norm every step: 1.500 ms wall, 1.500 ms cpu, "
+        "1.500 ms own (target <= 0 ms)",
+        "met    met     cnn, added ms of nld every step minus item every step: -0.500 ms wall, -0.500 ms cpu, "
+        "-0.500 ms own (target <= 0 ms)",
+        "met    -       cnn (Lightning), added ms of NoetherMonitor every step minus grad_norm every step: "
+        "-2.000 ms wall, -2.000 ms cpu (target <= 0 ms)",
+        "MISSED -       cnn (Lightning), added ms of NoetherMonitor every step minus item every step: "
+        "1.000 ms wall, 1.000 ms cpu (target <= 0 ms)",
+    ]
