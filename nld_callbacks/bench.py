@@ -410,6 +410,24 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
+    cur = peak = 0
+    for s in cpu_allocations(fn):
+        cur += s
+        peak = max(peak, cur)
+    return peak
+
+
+def cpu_allocations(fn: Callable[[], Any]) -> list[int]:
+    """Bytes torch's CPU allocator hands out (+) and takes back (−) while ``fn`` runs, in time order.
+
+    From the allocation events ``torch.profiler`` records with ``profile_memory=True``; their sum
+    is what ``fn`` left allocated.
+
+    Example:
+        >>> kept = []
+        >>> cpu_allocations(lambda: kept.append(torch.empty(1000, dtype=torch.float64)) or torch.ones(10))
+        [8000, 40, -40]
+    """
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -422,12 +440,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
         if ev.tag == _EventType.Allocation:
             sizes.append((ev.start_time_ns, ev.extra_fields.alloc_size))
         stack.extend(ev.children)
-    sizes.sort()
-    cur = peak = 0
-    for _, s in sizes:
-        cur += s
-        peak = max(peak, cur)
-    return peak
+    return [s for _, s in sorted(sizes)]
 
 
 class _OpCounter(TorchDispatchMode):

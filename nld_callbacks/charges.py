@@ -676,8 +676,9 @@ class ChargeLayout:
                 coo = coo.coalesce()
                 if self.device.type == "cpu":  # int32 indices: what MKL reads (int64 ones are converted per call)
                     m = coo.t().coalesce().to_sparse_csc()
-                    m = torch.sparse_csc_tensor(m.ccol_indices().int(), m.row_indices().int(), m.values(), m.shape,
-                                                check_invariants=True)
+                    # values() is a view whose base is the int64 matrix: a copy lets that matrix go
+                    m = torch.sparse_csc_tensor(m.ccol_indices().int(), m.row_indices().int(), m.values().clone(),
+                                                m.shape, check_invariants=True)
                 else:
                     m = coo.to_sparse_csr()
                 self._matrices[key] = m

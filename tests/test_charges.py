@@ -81,6 +81,23 @@ def test_to_groups_of_many_rows_in_blocks(monkeypatch):
             torch.testing.assert_close(part, bilinear_reference(g, X, Y), rtol=1e-13, atol=1e-13, msg=g.key)
 
 
+def test_cpu_sparse_maps_keep_int32_indices_and_values_only():
+    # what MKL reads; the int64 matrix they are made from is given back (a view of its values
+    # would keep it alive)
+    from nld_callbacks.bench import cpu_allocations
+
+    lay = ChargeLayout(GROUPS, SHAPES)
+    n_entries = sum(m.n_neurons(SHAPES[m.param]) for g in GROUPS for m in g.members)
+    for which, cols, nnz in (("signed", lay.n_neurons, n_entries), ("groups", len(GROUPS), lay.n_neurons)):
+        kept = sum(cpu_allocations(lambda w=which: lay._matrix(w, torch.float64)))
+        m = lay._matrix(which, torch.float64)
+        assert m.ccol_indices().dtype == m.row_indices().dtype == torch.int32
+        assert kept == (cols + 1) * 4 + nnz * (4 + 8), which
+    x = torch.randn(3, lay.n_reductions, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dense = lay._matrix("signed", torch.float64).to_dense()
+    torch.testing.assert_close(lay.to_groups(x), x @ dense, rtol=0, atol=1e-15)
+
+
 def test_params_to_groups_sums_each_neurons_parameters():
     lay = ChargeLayout(GROUPS, SHAPES)
     vals = torch.randn(3, len(lay.params), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
