@@ -684,27 +684,37 @@ class ChargeLayout:
                 self._matrices[key] = m
         return m
 
-    def _apply(self, which: str, values: torch.Tensor, n_out: int) -> torch.Tensor:
+    def _apply(self, which: str, values: torch.Tensor | Sequence[torch.Tensor], n_out: int) -> torch.Tensor:
         # one sparse product for any number of rows: V @ Mᵀ
-        lead = values.shape[:-1]
-        flat = values.reshape(-1, values.shape[-1])
-        m = self._matrix(which, values.dtype)
+        if isinstance(values, torch.Tensor):
+            lead, flat = values.shape[:-1], values.reshape(-1, values.shape[-1])
+        else:  # rows stacked a few at a time (the whole stack is never made on the CPU)
+            lead, flat = torch.Size([len(values)]), values[0].view(1, -1)
+        n, n_in = lead.numel(), flat.shape[1]
+
+        def rows(a: int, b: int) -> torch.Tensor:
+            if isinstance(values, torch.Tensor):
+                return flat if (a, b) == (0, n) else flat[a:b]
+            return torch.stack(list(values[a:b]))
+
+        m = self._matrix(which, flat.dtype)
         if m.layout == torch.sparse_csc:
             # into a fresh output (beta=0 ignores its contents): half the time and memory of mm();
             # a few rows at a time, as the product copies its dense factor column-major first
-            out = flat.new_empty(flat.shape[0], n_out)
-            rows = max(1, _APPLY_BYTES // max(1, flat.shape[1] * flat.element_size()))
-            for a in range(0, flat.shape[0], rows):
-                o, f = (out, flat) if rows >= flat.shape[0] else (out[a : a + rows], flat[a : a + rows])
-                torch.addmm(o, f, m, beta=0, out=o)
+            out = flat.new_empty(n, n_out)
+            step = max(1, _APPLY_BYTES // max(1, n_in * flat.element_size()))
+            for a in range(0, n, step):
+                o = out if step >= n else out[a : a + step]
+                torch.addmm(o, rows(a, min(a + step, n)), m, beta=0, out=o)
         else:
-            out = torch.mm(m, flat.mT).mT
+            out = torch.mm(m, rows(0, n).mT).mT
         return out.reshape(*lead, n_out)
 
-    def to_groups(self, values: torch.Tensor, *, unsigned: bool = False) -> torch.Tensor:
+    def to_groups(self, values: torch.Tensor | Sequence[torch.Tensor], *, unsigned: bool = False) -> torch.Tensor:
         """Map per-reduction values (last dim) onto the group-neuron vector, applying signs.
 
-        One sparse matrix product, whatever the number of rows and groups.
+        One sparse matrix product, whatever the number of rows and groups. ``values`` may also be a
+        sequence of per-reduction vectors: the rows of the result, stacked a few at a time.
         """
         return self._apply("unsigned" if unsigned else "signed", values, self.n_neurons)
 

@@ -202,7 +202,7 @@ class _Step:
     linear: theory.StepTerms | None
     T1: Tensor | None
     abs1: Tensor | None
-    coef: dict[str, Tensor]
+    coef: dict[str, Any]  # per-reduction vectors; "groups": the per-neuron ones
     drive: Tensor
     eq_drive: Tensor
     UU: Tensor | None
@@ -223,6 +223,34 @@ class _Carry:
     Q: Tensor
     P: Tensor | None
     linear: tuple[Tensor, Tensor | None] | None
+
+
+@dataclass
+class _Mapped:
+    """One step's per-reduction rows on the group neurons (:meth:`NoetherTracker._to_neurons`).
+
+    ``signed`` rows: Q_t, Q_{t+1} [, T_t, T_{t+1}], then per part (quadratic, linear) the observed,
+    symmetric, breaking and force terms, the two drives [, B(u, u)] [, the metric charge and its
+    prediction]; ``unsigned`` rows: per part the coefficient, the terms' scale and |Δθ|², then the
+    rounding floors. ``coef`` (the coefficients per group neuron) is ``None`` for a step with no
+    identities (an optimizer that is not modelled).
+    """
+
+    signed: Tensor | None
+    unsigned: Tensor | None
+    parts: int
+    quad: bool
+    UU: bool
+    metric: bool
+    abs1: bool
+    coef: dict[str, Any] | None
+    fresh: bool
+
+    def take(self) -> tuple[Tensor, Tensor | None]:
+        """The mapped rows, handed over: this record holds them no longer (they go with their last view)."""
+        rows, self.signed, self.unsigned = (self.signed, self.unsigned), None, None
+        assert rows[0] is not None, "the mapped rows were taken already"
+        return rows[0], rows[1]
 
 
 def _merge(out: Mapping[str, theory.StepTerms], family: Tensor | None) -> theory.StepTerms:
@@ -965,7 +993,9 @@ class NoetherTracker:
         else:
             terms = None
         T1 = terms.T1 if terms is not None else None
-        self._accumulate(Q0, Q1, terms)
+        mapped = self._to_neurons(Q0, Q1, terms)
+        del terms  # on the neurons now: the per-reduction rows go before the per-neuron work
+        self._accumulate(mapped)
         if carry and self.layout is lay:
             P1 = lay.reduce(theta, bufs) if any(b is not None for b in bufs.values()) else None
             linear = self._linear_sums(theta, bufs, T1)
@@ -1121,12 +1151,12 @@ class NoetherTracker:
         n = self._acc.shape[1]
         return self._acc.new_full((3, n), float("nan")), self._acc.new_zeros(3, n)
 
-    def _accumulate(self, Q0: Tensor, Q1: Tensor, terms: _Step | None) -> None:
-        lay, acc = self.layout, self._acc
-        assert lay is not None and acc is not None
+    def _to_neurons(self, Q0: Tensor, Q1: Tensor, terms: _Step | None) -> _Mapped:
+        """Every per-reduction quantity of the step on the group neurons, in two batched maps."""
+        lay = self.layout
+        assert lay is not None
         info = self._theory()
         lin_pre, self._pre_linear = self._pre_linear, None
-        # every per-reduction quantity goes to the group neurons in two batched maps (signed, unsigned)
         signed: list[Tensor] = [Q0, Q1]
         unsigned: list[Tensor] = []
         if info.has_linear:  # linear charges T = ⟨c, θ⟩ replace the quadratic sums on their neurons
@@ -1146,11 +1176,27 @@ class NoetherTracker:
             signed += list(terms.metric) if terms.metric is not None else []
             # rounding floor u_w·M (quadratic) or u_w·Σ|θ_k| (linear), physics.md §3.2
             unsigned += [self._unit_r * Q0] + ([self._unit_r * terms.abs1] if terms.abs1 is not None else [])
-        S = iter(lay.to_groups(torch.stack(signed)).unbind())
+        if terms is None:
+            return _Mapped(lay.to_groups(signed), None, 0, False, False, False, False, None, True)
+        return _Mapped(lay.to_groups(signed), lay.to_groups(unsigned, unsigned=True),
+                       len(parts), terms.quad is not None, terms.UU is not None, terms.metric is not None,
+                       terms.abs1 is not None, terms.coef["groups"], terms.fresh)
+
+    def _accumulate(self, m: _Mapped) -> None:
+        lay, acc = self.layout, self._acc
+        assert lay is not None and acc is not None
+        info = self._theory()
+        signed, unsigned = m.take()  # the mapped rows live while a view of them is needed, no longer
+        S = iter(signed.unbind())
+        U = iter(() if unsigned is None else unsigned.unbind())
+        del signed, unsigned
+        cg, parts, fresh = m.coef, m.parts, m.fresh
+        has_quad, has_UU, has_metric, has_abs1 = m.quad, m.UU, m.metric, m.abs1
         q0, q1 = next(S), next(S)
         if info.has_linear:
             t0, t1 = next(S), next(S)
             q0, q1 = torch.where(info.linear, t0, q0), torch.where(info.linear, t1, q1)
+            del t0, t1
         else:  # copies: the record of the step (self.last) keeps them, not every mapped row
             q0, q1 = torch.stack([q0, q1]).unbind()
         nan = torch.full_like(q0, float("nan"))
@@ -1160,26 +1206,32 @@ class NoetherTracker:
         dyn = self._dyn
         new_dyn: dict[str, Tensor] = {}
         metric_charge = metric_pred = radial = nld = qstar = rms_acc = nan
-        if terms is None:
+        if cg is None:
             obs = q1 - q0
             pred = sym = brk = r = b = e = eff = angle = tol = nan
         else:
-            U = iter(lay.to_groups(torch.stack(unsigned), unsigned=True).unbind())
             # quadratic and linear charges sit on disjoint neurons: each neuron takes its kind's terms
-            split = [(next(S), next(S), next(S), next(S), next(U), next(U), next(U)) for _ in parts]
+            split = [(next(S), next(S), next(S), next(S), next(U), next(U), next(U)) for _ in range(parts)]
             if len(split) == 1:
                 obs, sym, brk, force, coeff, scale_terms, step_sq = split[0]
             else:
                 obs, sym, brk, force, coeff, scale_terms, step_sq = (
                     torch.where(info.linear, lin, quad) for quad, lin in zip(*split))
-            quad_force = split[0][3] if terms.quad is not None else nan
+            quad_force = split[0][3] if has_quad else nan
             drive_g, eq_drive_g = next(S), next(S)
-            UU = next(S) if terms.UU is not None else None
-            metric = (next(S), next(S)) if terms.metric is not None else None
+            UU = next(S) if has_UU else None
+            metric = (next(S), next(S)) if has_metric else None
             rounding = next(U)
-            if terms.abs1 is not None:
+            if has_abs1:
                 rounding = torch.where(info.linear, next(U), rounding)
-            cg = terms.coef["groups"]
+            del split, S, U
+            # what still reads the mapped rows, first: then they can go (a few MiB on a wide model)
+            if UU is not None:
+                radial = torch.where(cg["adaptive"] & info.scale, quad_force / (q0 * UU).clamp_min(0).sqrt(), nan)
+            drive = torch.where(info.linear, 0.0, drive_g)  # §2.2: the continuous law's drive
+            # §2.4: Q*² = coefficient · EMA of the scale-free drive, averaged over one relaxation time
+            X = torch.where(cg["eq_numel"], info.numel * info.numel, q0 * eq_drive_g)
+            del quad_force, drive_g, eq_drive_g
             count = info.count
             # Tensors of one group with different coefficients (mixed lr/wd): only Σ s_i R_i = 0 is a
             # symmetry; the rest of Σ s_i(−k_i R_i) is a real drift and belongs to the prediction
@@ -1193,32 +1245,28 @@ class NoetherTracker:
             adaptive = cg["adaptive"]
             # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
             # left out of the layer means
-            norm = q0 if terms.UU is None else torch.where(adaptive, q0.clamp_min(0).sqrt(), q0)  # |w|² or |w|
+            norm = q0 if UU is None else torch.where(adaptive, q0.clamp_min(0).sqrt(), q0)  # |w|² or |w|
             eff = torch.where(q0 > 0, cg["eff_factor"] / norm, nan)
             angle = torch.where((q0 > 0) & (q1 > 0), theory.angular_update(q0, q1, step_sq), nan)
             # §2.2: the continuous law, one exact step of its propagator per optimizer step
             prop = cg["prop"]
-            drive = torch.where(info.linear, 0.0, drive_g)
             on = dyn["on"] > 0
             Qn, dQn = theory.propagate(torch.where(on, dyn["nld"], q0), torch.where(on, dyn["nld_rate"], 0.0), prop,
                                        drive)
             if self._span > 1:  # sample_every: the steps since the last sample, same drive
                 Qs, dQs = theory.propagate_steps(Qn, dQn, prop, drive, self._span - 1)
                 Qn, dQn = torch.where(on, Qs, Qn), torch.where(on, dQs, dQn)
-            if not terms.fresh:  # started mid-run with a filled buffer: Q'(t0) = the observed step
+            if not fresh:  # started mid-run with a filled buffer: Q'(t0) = the observed step
                 Qn, dQn = torch.where(on, Qn, q1), torch.where(on, dQn, q1 - q0)
             new_dyn.update(nld=Qn, nld_rate=dQn, on=torch.ones_like(Qn))
             nld = Qn
-            # §2.4: Q*² = coefficient · EMA of the scale-free drive, averaged over one relaxation time
-            X = torch.where(cg["eq_numel"], info.numel * info.numel, q0 * eq_drive_g)
+            # §2.4: the EMA of X over one relaxation time, per sampled step the weight of its span
             alpha = cg["alpha"] if self._span == 1 else 1.0 - (1.0 - cg["alpha"]) ** self._span
             ema_x = torch.lerp(dyn["ema_x"], X, alpha)
             ema_w = torch.lerp(dyn["ema_w"], torch.ones_like(alpha), alpha)
             new_dyn.update(ema_x=ema_x, ema_w=ema_w)
             qstar = torch.where(info.scale, (cg["eq_coef"] * ema_x / ema_w).sqrt(), nan)
             rms_acc = torch.where(cg["rmsprop"], q1 * q1, nan)  # §2.3: |w|⁴ = Q²
-            if UU is not None:
-                radial = torch.where(adaptive & info.scale, quad_force / (q0 * UU).clamp_min(0).sqrt(), nan)
             if metric is not None:
                 metric_charge = torch.where(info.linear, nan, metric[0])
                 metric_pred = torch.where(info.linear, nan, metric[1])
@@ -1230,20 +1278,21 @@ class NoetherTracker:
             qstar = torch.where(info.partial, torch.nan, qstar)
         e_abs = e.abs()
         extremes = torch.stack([e_abs, b.abs(), e_abs])
-        summed = torch.stack([q1, pred, tol, nld, qstar, metric_charge, metric_pred, obs, sym, brk])
-        checked = torch.stack([obs, e]) if terms is not None else obs
+        checked = torch.stack([obs, e]) if cg is not None else obs
         if info.owned is not None:  # another rank's neurons: neutral in every per-group statistic
             extremes = torch.where(info.owned, extremes, 0.0)
-            summed = torch.where(info.owned, summed, 0.0)
             averaged = torch.where(info.owned, averaged, torch.nan)
             checked = torch.where(info.owned, checked, 0.0)
         ok = torch.isfinite(checked).all()
         finite = torch.isfinite(averaged)  # means over the neurons with a value (one map with the sums)
-        sums, totals, counts = lay.per_group(torch.cat([summed, torch.where(finite, averaged, 0.0),
-                                                        finite.to(averaged.dtype)])).split(
-            [len(summed), len(averaged), len(averaged)])
+        summed = [q1, pred, tol, nld, qstar, metric_charge, metric_pred, obs, sym, brk]
+        table = torch.stack([*summed, *torch.where(finite, averaged, 0.0), *finite.to(averaged.dtype)])
+        if info.owned is not None:  # (the averaged rows are 0 there already)
+            table = torch.where(info.owned, table, 0.0)
+        sums, totals, counts = lay.per_group(table).split([len(summed), len(averaged), len(averaged)])
+        del table
         means = totals / counts
-        const, const_counts = terms.coef["groups"]["means"] if terms is not None else self._no_means()
+        const, const_counts = cg["means"] if cg is not None else self._no_means()
         # every row in one write (_UPDATE order); _START and _BAD are kept
         new = acc.index_copy(0, self._update_rows, torch.cat([
             torch.fmax(acc.index_select(0, self._extreme_rows), lay.per_group(extremes, "amax")),

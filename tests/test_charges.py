@@ -68,7 +68,8 @@ def test_per_group_aggregates():
 
 def test_to_groups_of_many_rows_in_blocks(monkeypatch):
     # on the CPU a product of many rows runs a few rows at a time (the sparse product copies its
-    # dense factor): any block size gives bitwise the rows mapped one by one, and the reference
+    # dense factor), from a matrix or from a list of rows (stacked a block at a time): any block
+    # size gives bitwise the rows mapped one by one, and the reference
     lay = ChargeLayout(GROUPS, SHAPES)
     pairs = [(_tensors(i), _tensors(i + 10)) for i in range(5)]
     rows = torch.stack([lay.reduce(X, Y) for X, Y in pairs])
@@ -76,6 +77,7 @@ def test_to_groups_of_many_rows_in_blocks(monkeypatch):
     for block_rows in (1, 2, 3, 5):
         monkeypatch.setattr(charges, "_APPLY_BYTES", block_rows * lay.n_reductions * 8)
         assert torch.equal(lay.to_groups(rows), one_by_one), block_rows
+        assert torch.equal(lay.to_groups(list(rows.unbind())), one_by_one), block_rows  # the rows as a list
     for (X, Y), got in zip(pairs, one_by_one):
         for g, part in zip(GROUPS, lay.split(got)):
             torch.testing.assert_close(part, bilinear_reference(g, X, Y), rtol=1e-13, atol=1e-13, msg=g.key)
