@@ -83,6 +83,18 @@ def test_to_groups_of_many_rows_in_blocks(monkeypatch):
             torch.testing.assert_close(part, bilinear_reference(g, X, Y), rtol=1e-13, atol=1e-13, msg=g.key)
 
 
+def test_to_groups_through_the_csr_map_of_other_devices(monkeypatch):
+    # off the CPU the maps are CSR and a product is one mm() of all rows: the same numbers, here on
+    # the CPU with the CSR map forced, from a matrix and from a list of rows
+    lay = ChargeLayout(GROUPS, SHAPES)
+    rows = torch.stack([lay.reduce(X, Y) for X, Y in ((_tensors(i), _tensors(i + 10)) for i in range(4))])
+    expected = lay.to_groups(rows)
+    csr = lay._matrix("signed", torch.float64).to_dense().T.to_sparse_csr()
+    monkeypatch.setattr(lay, "_matrix", lambda which, dtype: csr)
+    torch.testing.assert_close(lay.to_groups(rows), expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(lay.to_groups(list(rows.unbind())), expected, rtol=0, atol=1e-14)
+
+
 def test_cpu_sparse_maps_keep_int32_indices_and_values_only():
     # what MKL reads; the int64 matrix they are made from is given back (a view of its values
     # would keep it alive)
