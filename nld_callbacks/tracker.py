@@ -995,20 +995,27 @@ class NoetherTracker:
         T1 = terms.T1 if terms is not None else None
         mapped = self._to_neurons(Q0, Q1, terms)
         del terms  # on the neurons now: the per-reduction rows go before the per-neuron work
+        if carry:
+            self._carry = self._carried(theta, bufs, Q1, T1)
+        del Q1, T1  # what the step's products give is on the neurons or carried: they go too
+        lay.forget()
         self._accumulate(mapped)
-        if carry and self.layout is lay:
-            P1 = lay.reduce(theta, bufs) if any(b is not None for b in bufs.values()) else None
-            linear = self._linear_sums(theta, bufs, T1)
-            # one copy of the carried rows: a view would keep every product of the step alive
-            rows = [Q1, P1, *(linear if linear is not None else (None, None))]
-            kept = iter(torch.stack([r for r in rows if r is not None]).unbind())
-            Qc, Pc, Tc, Sc = (None if r is None else next(kept) for r in rows)
-            assert Qc is not None
-            self._carry = _Carry(self.step + 1, self._key(theta, bufs), Qc, Pc,
-                                 None if Tc is None else (Tc, Sc))
         self.step += 1
         if self.schedule(self.step):
             self.flush()
+
+    def _carried(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None], Q1: Tensor,
+                 T1: Tensor | None) -> _Carry:
+        """What the next pre-step would read of θ_{t+1} and v_{t+1}: B(θ, θ), B(θ, v), the linear sums."""
+        assert self.layout is not None
+        P1 = self.layout.reduce(theta, bufs) if any(b is not None for b in bufs.values()) else None
+        linear = self._linear_sums(theta, bufs, T1)
+        # one copy of the carried rows: a view would keep every product of the step alive
+        rows = [Q1, P1, *(linear if linear is not None else (None, None))]
+        kept = iter(torch.stack([r for r in rows if r is not None]).unbind())
+        Qc, Pc, Tc, Sc = (None if r is None else next(kept) for r in rows)
+        assert Qc is not None
+        return _Carry(self.step + 1, self._key(theta, bufs), Qc, Pc, None if Tc is None else (Tc, Sc))
 
     def _terms(self, optimizer: torch.optim.Optimizer, Q0: Tensor, Q1: Tensor, P0: Tensor | None,
                first: Mapping[str, bool], theta: Mapping[str, Tensor], grads: Mapping[str, Tensor | None],
