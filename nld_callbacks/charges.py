@@ -713,8 +713,9 @@ class ChargeLayout:
     def to_groups(self, values: torch.Tensor | Sequence[torch.Tensor], *, unsigned: bool = False) -> torch.Tensor:
         """Map per-reduction values (last dim) onto the group-neuron vector, applying signs.
 
-        One sparse matrix product, whatever the number of rows and groups. ``values`` may also be a
-        sequence of per-reduction vectors: the rows of the result, stacked a few at a time.
+        One sparse matrix product whatever the number of groups (on the CPU one per block of a few
+        rows). ``values`` may also be a sequence of per-reduction vectors, the rows of the result,
+        stacked a block at a time.
         """
         return self._apply("unsigned" if unsigned else "signed", values, self.n_neurons)
 
