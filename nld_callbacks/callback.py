@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from .symmetries import SymmetryReport, module_calls, symmetries_from_graph
 from .tensorboard import Dashboard, write_scalars
-from .tracker import NoetherTracker, format_summary
+from .tracker import NoetherTracker, check_sample_every, format_summary
 
 __all__ = ["NoetherMonitor"]
 
@@ -93,9 +93,7 @@ class NoetherMonitor(Callback):
         sample_every: int | Literal["auto"] = 1,
         max_overhead: float = 0.01,
     ) -> None:
-        if sample_every != "auto" and (not isinstance(sample_every, int) or isinstance(sample_every, bool)
-                                       or sample_every < 1):
-            raise ValueError(f"Expected `sample_every` to be a positive int or 'auto' but got {sample_every!r}")
+        check_sample_every(sample_every)
         if not 0.0 < max_overhead < 1.0:
             raise ValueError(f"Expected `max_overhead` to be in (0, 1) but got {max_overhead!r}")
         if log_every_n_steps is not None and (

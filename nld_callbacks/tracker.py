@@ -64,6 +64,13 @@ log = logging.getLogger(__name__)
 Schedule = Callable[[int], bool]
 
 
+def check_sample_every(sample_every: object) -> None:
+    """Raise ``ValueError`` unless ``sample_every`` is a positive int or ``"auto"``."""
+    if sample_every != "auto" and (not isinstance(sample_every, int) or isinstance(sample_every, bool)
+                                   or sample_every < 1):
+        raise ValueError(f"Expected `sample_every` to be a positive int or 'auto' but got {sample_every!r}")
+
+
 def every_n_steps(n: int) -> Schedule:
     """A schedule that is true on steps n, 2n, 3n, ... (steps count from 1).
 
@@ -577,9 +584,7 @@ class NoetherTracker:
         sample_every: int | Literal["auto"] = 1,
         max_overhead: float = 0.01,
     ) -> None:
-        if sample_every != "auto" and (not isinstance(sample_every, int) or isinstance(sample_every, bool)
-                                       or sample_every < 1):
-            raise ValueError(f"Expected `sample_every` to be a positive int or 'auto' but got {sample_every!r}")
+        check_sample_every(sample_every)
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module but got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -1183,11 +1188,12 @@ class NoetherTracker:
             signed += list(terms.metric) if terms.metric is not None else []
             # rounding floor u_w·M (quadratic) or u_w·Σ|θ_k| (linear), physics.md §3.2
             unsigned += [self._unit_r * Q0] + ([self._unit_r * terms.abs1] if terms.abs1 is not None else [])
-        if terms is None:
-            return _Mapped(lay.to_groups(signed), None, 0, False, False, False, False, None, True)
-        return _Mapped(lay.to_groups(signed), lay.to_groups(unsigned, unsigned=True),
-                       len(parts), terms.quad is not None, terms.UU is not None, terms.metric is not None,
-                       terms.abs1 is not None, terms.coef["groups"], terms.fresh)
+        if terms is None:  # measured only: the charges, no identities
+            return _Mapped(lay.to_groups(signed), None, parts=0, quad=False, UU=False, metric=False, abs1=False,
+                           coef=None, fresh=True)
+        return _Mapped(lay.to_groups(signed), lay.to_groups(unsigned, unsigned=True), parts=len(parts),
+                       quad=terms.quad is not None, UU=terms.UU is not None, metric=terms.metric is not None,
+                       abs1=terms.abs1 is not None, coef=terms.coef["groups"], fresh=terms.fresh)
 
     def _accumulate(self, m: _Mapped) -> None:
         lay, acc = self.layout, self._acc
