@@ -41,6 +41,17 @@ from .symmetries import Member, SymmetryGroup
 __all__ = ["ChargeLayout", "bilinear_reference", "linear_reference", "reduce_member"]
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t``, a host tensor, on ``device`` without a host synchronisation.
+
+    A CUDA copy goes from pinned memory, asynchronously (torch keeps the pinned block until the
+    copy has run); elsewhere this is ``t.to(device)``.
+    """
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def reduce_member(x: torch.Tensor, member: Member) -> torch.Tensor:
     """Sum ``x`` (shaped like the member's parameter) onto the member's neurons.
 
@@ -298,15 +309,15 @@ class ChargeLayout:
         #: a sharded parameter
         self.covered = torch.bincount(torch.tensor(dst, dtype=torch.long), minlength=gstart) > 0
         self.covers_all = len(set(dst)) == gstart
-        self._src = torch.tensor(src, dtype=torch.long, device=dev)
-        self._dst = torch.tensor(dst, dtype=torch.long, device=dev)
-        self._sign = torch.tensor(sign, dtype=torch.float64, device=dev)
-        self.group_index = torch.repeat_interleave(
-            torch.arange(len(self.groups), device=dev),
-            torch.tensor([g.n_neurons for g in self.groups], dtype=torch.long, device=dev),
-        )
+        # the sparse maps' entries, on the host: the maps are built there (see _matrix)
+        self._src = torch.tensor(src, dtype=torch.long)
+        self._dst = torch.tensor(dst, dtype=torch.long)
+        self._sign = torch.tensor(sign, dtype=torch.float64)
+        sizes = torch.tensor([g.n_neurons for g in self.groups], dtype=torch.long)
+        self._group_of_neuron = torch.repeat_interleave(torch.arange(len(self.groups)), sizes)
+        self.group_index = self._group_of_neuron.to(dev)
         self.group_offsets = goff
-        self._group_sizes = torch.tensor([g.n_neurons for g in self.groups], dtype=torch.long, device=dev)
+        self._group_sizes = sizes.to(dev)
         self._matrices: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         # which parameter each reduction entry belongs to (for per-tensor coefficients)
         owner = torch.empty(start, dtype=torch.long)
@@ -599,7 +610,7 @@ class ChargeLayout:
         dup = len(set(idx)) != len(idx)
         small = dup and max(idx, default=0) < 2**31
         # index_add_ takes int32 indices (half the memory); index_copy_ (no duplicates) wants int64
-        index = torch.tensor(idx, dtype=torch.int32 if small else torch.long, device=self.device)
+        index = host_to_device(torch.tensor(idx, dtype=torch.int32 if small else torch.long), self.device)
         return _DtypePlan(rdt, plans, res[:roff], index, dup)
 
     def _ones(self, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -657,14 +668,16 @@ class ChargeLayout:
 
         ``signed``/``unsigned``: group neurons × reductions (the members' signs, or ones);
         ``groups``: groups × group neurons (ones). Stored transposed, compressed by column (CSC,
-        int32 indices) on the CPU, for MKL's ``dense @ csc``; CSR elsewhere.
+        int32 indices) on the CPU, for MKL's ``dense @ csc``; CSR elsewhere. Built on the host
+        (coalescing on a GPU would wait for it) and copied without a host synchronisation: the
+        first tracked steps, which build the maps, need none either.
         """
         key = (which, dtype)
         m = self._matrices.get(key)
         if m is None:
             if which == "groups":
-                rows, cols = self.group_index, torch.arange(self.n_neurons, device=self.device)
-                shape, vals = (len(self.groups), self.n_neurons), torch.ones(self.n_neurons, device=self.device)
+                rows, cols = self._group_of_neuron, torch.arange(self.n_neurons)
+                shape, vals = (len(self.groups), self.n_neurons), torch.ones(self.n_neurons)
             else:
                 rows, cols, vals = self._dst, self._src, self._sign
                 shape = (self.n_neurons, self.n_reductions)
@@ -680,7 +693,10 @@ class ChargeLayout:
                     m = torch.sparse_csc_tensor(m.ccol_indices().int(), m.row_indices().int(), m.values().clone(),
                                                 m.shape, check_invariants=True)
                 else:
-                    m = coo.to_sparse_csr()
+                    csr = coo.to_sparse_csr()
+                    parts = (host_to_device(t, self.device)
+                             for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
+                    m = torch.sparse_csr_tensor(*parts, csr.shape)  # the shape given: nothing is read back
                 self._matrices[key] = m
         return m
 

@@ -537,13 +537,35 @@ class HostSyncError(AssertionError):
 
 
 class _NoHostSync(torch.overrides.TorchFunctionMode):
+    """Fails on the calls that read a tensor on the host; with ``cuda``, on any CUDA synchronisation.
+
+    The CUDA check is torch's sync debug mode set to ``"error"``: it also catches what no Python
+    call names (a boolean-mask index, a blocking copy from pageable memory, a sparse coalesce).
+    """
+
     FORBIDDEN = frozenset({torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy,
                            torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__})
+
+    def __init__(self, cuda: bool = False) -> None:
+        super().__init__()
+        self.cuda = cuda
+        self._mode = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in self.FORBIDDEN:
             raise HostSyncError(f"host sync in a tracker hook on a non-logging step: {func.__name__}")
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> _NoHostSync:
+        if self.cuda:
+            self._mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode(self._mode)
 
 
 def forbid_host_sync(tracker: Any) -> Any:
@@ -551,7 +573,9 @@ def forbid_host_sync(tracker: Any) -> Any:
 
     ``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``bool(t)``, ``float(t)`` and ``int(t)``
     raise :class:`HostSyncError` inside the hooks, except on the steps whose post-hook logs (the
-    one transfer per logging step). Returns the tracker, re-attached.
+    one transfer per logging step). On CUDA any synchronisation does (torch's sync debug mode set
+    to ``"error"`` inside the hooks), the first steps, which build the layout's maps, included.
+    Returns the tracker, re-attached.
 
     Example:
         >>> import torch
@@ -574,8 +598,14 @@ def forbid_host_sync(tracker: Any) -> Any:
         def run(*args: Any) -> Any:
             if logs():
                 return hook(*args)
-            with _NoHostSync():
-                return hook(*args)
+            cuda = tracker.layout is not None and tracker.layout.device.type == "cuda"
+            try:
+                with _NoHostSync(cuda):
+                    return hook(*args)
+            except RuntimeError as err:
+                if "synchronizing CUDA operation" not in str(err):
+                    raise
+                raise HostSyncError(f"host sync in a tracker hook on a non-logging step: {err}") from err
 
         return run
 

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import theory
-from .charges import ChargeLayout
+from .charges import ChargeLayout, host_to_device
 from .optim import Hyper, OptimizerModel, adaptive_tensors, optimizer_model
 from .symmetries import SymmetryGroup, SymmetryReport, find_symmetries
 from .tensorboard import Dashboard, bin_on_device, tag, write_scalars
@@ -328,8 +328,8 @@ class _TheoryLayout:
               partial_keys: AbstractSet[str] = frozenset()) -> _TheoryLayout:
         dev = lay.device
         sizes = torch.tensor([g.n_neurons for g in lay.groups], dtype=torch.long)
-        linear = torch.tensor([g.linear for g in lay.groups], dtype=torch.bool).repeat_interleave(sizes).to(dev)
-        scale = torch.tensor([g.kind == "scale" for g in lay.groups], dtype=torch.bool).repeat_interleave(sizes).to(dev)
+        linear = host_to_device(torch.tensor([g.linear for g in lay.groups]).repeat_interleave(sizes), dev)
+        scale = host_to_device(torch.tensor([g.kind == "scale" for g in lay.groups]).repeat_interleave(sizes), dev)
         per_red = torch.empty(lay.n_reductions, dtype=torch.float64)
         for p, reds in lay.reductions.items():
             for r in reds:
@@ -341,10 +341,10 @@ class _TheoryLayout:
         partial = None
         if any(g.key in partial_keys for g in lay.groups):
             flags = torch.tensor([g.key in partial_keys for g in lay.groups], dtype=torch.bool)
-            partial = flags.repeat_interleave(sizes).to(dev)
+            partial = host_to_device(flags.repeat_interleave(sizes), dev)
         return cls(lay, [g.key for g in lay.groups], linear, scale, lay.to_groups(ones, unsigned=True),
-                   lay.to_groups(per_red.to(dev), unsigned=True), lin_params,
-                   None if lay.covers_all else owned.to(dev), partial)
+                   lay.to_groups(host_to_device(per_red, dev), unsigned=True), lin_params,
+                   None if lay.covers_all else host_to_device(owned, dev), partial)
 
 
 def _is_sharded(p: Tensor) -> bool:
@@ -790,9 +790,7 @@ class NoetherTracker:
         host = _coefficient_table(combos)  # (F, H)
         which = torch.tensor([combos.index(k) for k in key], dtype=torch.long)
         host = host.index_select(1, which).contiguous()  # (F, P)
-        if self.layout.device.type == "cuda":
-            host = host.pin_memory()
-        per_param = host.to(self.layout.device, non_blocking=True)
+        per_param = host_to_device(host, self.layout.device)
         # kept per reduction: what the step identities read (the sign only under `maximize`, the
         # family only when several mix, decay and metric only for adaptive rules); the rest is
         # needed per group neuron only, mapped there straight from the parameters

@@ -12,7 +12,7 @@ from nld_callbacks import NoetherMonitor
 from nld_callbacks.cli import Classifier, DigitsDataModule
 
 
-def _fit(tmp_path, monitor, *, steps=30, logger=True, **model_kw):
+def _fit(tmp_path, monitor, *, steps=30, logger=True, device="cpu", **model_kw):
     seed_everything(0, verbose=False)
     model = Classifier(**{"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, **model_kw})
     trainer = Trainer(
@@ -20,14 +20,15 @@ def _fit(tmp_path, monitor, *, steps=30, logger=True, **model_kw):
         callbacks=[monitor] if monitor is not None else [], enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=5,
         limit_val_batches=0, num_sanity_val_steps=0, deterministic=True,
+        accelerator="gpu" if torch.device(device).type == "cuda" else "cpu", devices=1,
     )
     trainer.fit(model, DigitsDataModule(batch_size=32))
     return trainer, model
 
 
-def test_event_file_has_tags_and_residuals_at_the_floor(tmp_path):
+def test_event_file_has_tags_and_residuals_at_the_floor(tmp_path, device):
     monitor = NoetherMonitor()
-    trainer, _ = _fit(tmp_path, monitor)
+    trainer, _ = _fit(tmp_path, monitor, device=device)
     acc = EventAccumulator(trainer.logger.log_dir)
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -48,9 +49,12 @@ def test_event_file_has_tags_and_residuals_at_the_floor(tmp_path):
     assert [r["layer"] for r in monitor.summary if r["kind"] == "scale"] == layers
 
 
-def test_monitor_never_changes_training(tmp_path):
-    _, plain = _fit(tmp_path / "a", None, steps=12, nesterov=True)
-    _, monitored = _fit(tmp_path / "b", NoetherMonitor(log_every_n_steps=2), steps=12, nesterov=True)
+def test_monitor_never_changes_training(tmp_path, device):
+    _, plain = _fit(tmp_path / "a", None, steps=12, nesterov=True, device=device)
+    _, monitored = _fit(tmp_path / "b", NoetherMonitor(log_every_n_steps=2), steps=12, nesterov=True, device=device)
+    if device.type == "cuda":  # the comparison means something only if plain training repeats bitwise
+        _, again = _fit(tmp_path / "c", None, steps=12, nesterov=True, device=device)
+        assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), again.state_dict().values()))
     for (n, a), b in zip(plain.state_dict().items(), monitored.state_dict().values()):
         assert torch.equal(a, b), n
 

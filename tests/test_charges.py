@@ -26,13 +26,14 @@ def _tensors(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_layout_matches_reference(dtype):
+def test_layout_matches_reference(dtype, device):
     X = {n: t.to(dtype) for n, t in _tensors(0).items()}
     Y = {n: t.to(dtype) for n, t in _tensors(1).items()}
-    lay = ChargeLayout(GROUPS, SHAPES)
-    fast = lay.split(lay.to_groups(lay.reduce(X, Y)))
-    fast_unsigned = lay.split(lay.to_groups(lay.reduce(X, X), unsigned=True))
-    fast_linear = lay.split(lay.to_groups(lay.reduce(X)))
+    lay = ChargeLayout(GROUPS, SHAPES, device)
+    Xd, Yd = ({n: t.to(device) for n, t in T.items()} for T in (X, Y))
+    fast = lay.split(lay.to_groups(lay.reduce(Xd, Yd)).cpu())  # the reference loops run on the CPU
+    fast_unsigned = lay.split(lay.to_groups(lay.reduce(Xd, Xd), unsigned=True).cpu())
+    fast_linear = lay.split(lay.to_groups(lay.reduce(Xd)).cpu())
     tol = {torch.float64: 1e-13, torch.float32: 1e-6}[dtype]
     for g, f, fu, fl in zip(GROUPS, fast, fast_unsigned, fast_linear):
         torch.testing.assert_close(f, bilinear_reference(g, X, Y), rtol=tol, atol=tol, msg=g.key)
@@ -57,13 +58,12 @@ def test_missing_tensor_counts_as_zero():
     assert torch.equal(out, ref)
 
 
-def test_per_group_aggregates():
-    lay = ChargeLayout(GROUPS, SHAPES)
+def test_per_group_aggregates(device):
+    lay = ChargeLayout(GROUPS, SHAPES, device)
     vals = torch.arange(lay.n_neurons, dtype=torch.float64)
-    sums = lay.per_group(vals)
-    maxes = lay.per_group(vals, "amax")
+    sums, means, maxes, mins = (lay.per_group(vals.to(device), r).cpu() for r in ("sum", "mean", "amax", "amin"))
     for i, part in enumerate(lay.split(vals)):
-        assert sums[i] == part.sum() and maxes[i] == part.max()
+        assert sums[i] == part.sum() and means[i] == part.mean() and maxes[i] == part.max() and mins[i] == part.min()
 
 
 def test_to_groups_of_many_rows_in_blocks(monkeypatch):
@@ -149,17 +149,18 @@ def _mapping(kind, X, Y):
 
 
 @pytest.mark.parametrize("scratch", [None, 7, 40], ids=["default", "tiny_scratch", "small_scratch"])
-def test_reduce_many_matches_reference_and_chunking(scratch):
+def test_reduce_many_matches_reference_and_chunking(scratch, device):
     """Tiny scratch buffers force row chunks, split rows (the 'layer' group's 28-entry rows) and
     partial sums over dim-0 chunks for the strided (column) reductions."""
     X, Y = _tensors(0), _tensors(1)
-    lay = ChargeLayout(GROUPS, SHAPES, scratch_elements=scratch)
-    out = lay.reduce_many([_mapping(k, X, Y) for k in PAIRS])
-    assert out.shape == (len(PAIRS), lay.n_reductions) and out.dtype == torch.float64
+    Xd, Yd = ({n: t.to(device) for n, t in T.items()} for T in (X, Y))
+    lay = ChargeLayout(GROUPS, SHAPES, device, scratch_elements=scratch)
+    out = lay.reduce_many([_mapping(k, Xd, Yd) for k in PAIRS])
+    assert out.shape == (len(PAIRS), lay.n_reductions) and out.dtype == torch.float64 and out.device == device
     for row, kind in zip(out, PAIRS):
-        for g, got in zip(GROUPS, lay.split(lay.to_groups(row))):
+        for g, got in zip(GROUPS, lay.split(lay.to_groups(row).cpu())):
             torch.testing.assert_close(got, _expected(g, X, Y, kind), rtol=1e-13, atol=1e-13, msg=f"{g.key} {kind}")
-    single = torch.stack([lay.reduce(*_mapping(k, X, Y)) for k in PAIRS])
+    single = torch.stack([lay.reduce(*_mapping(k, Xd, Yd)) for k in PAIRS])
     torch.testing.assert_close(out, single, rtol=1e-13, atol=1e-13)
 
 

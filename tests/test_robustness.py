@@ -69,11 +69,11 @@ def test_zero_charge_group_is_tracked_without_nan_in_the_layer_means():
 
 @pytest.mark.parametrize("opt_kw", [dict(momentum=0.9, weight_decay=5e-4), dict(momentum=0.9, nesterov=True),
                                     dict(weight_decay=1e-3)], ids=["heavy_ball", "nesterov", "sgd"])
-def test_no_host_sync_on_steps_that_do_not_log(opt_kw):
+def test_no_host_sync_on_steps_that_do_not_log(opt_kw, device):
     torch.manual_seed(0)
-    x = torch.randn(32, 1, 8, 8)
-    y = torch.randint(0, 10, (32,))
-    model = BNCNN(channels=(4, 8, 8))
+    x = torch.randn(32, 1, 8, 8).to(device)
+    y = torch.randint(0, 10, (32,)).to(device)
+    model = BNCNN(channels=(4, 8, 8)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, **opt_kw)
     tracker = forbid_host_sync(NoetherTracker(model, opt, find_symmetries(model, x), log_every_n_steps=4))
     for _ in range(8):
@@ -85,6 +85,9 @@ def test_no_host_sync_on_steps_that_do_not_log(opt_kw):
     # the guard itself works: a sync inside it fails
     with pytest.raises(HostSyncError, match="host sync"), _NoHostSync():
         torch.ones(1).item()
+    if device.type == "cuda":  # and on CUDA one that no Python call names (a boolean-mask index)
+        with pytest.raises(RuntimeError, match="synchronizing CUDA operation"), _NoHostSync(cuda=True):
+            x[x > 0]
 
 
 def test_grad_scaler_skipped_steps_are_not_counted():

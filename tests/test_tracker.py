@@ -107,10 +107,10 @@ def _reference_step(groups, named, opt, theta0, buf0, grads, theta1, buf1, first
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_predictions_match_float64_simulation(case):
+def test_predictions_match_float64_simulation(case, device):
     torch.manual_seed(0)
-    x, y = synthetic_classification(n=128, dtype=torch.float64)
-    model = MLPBN().double()
+    x, y = (t.to(device) for t in synthetic_classification(n=128, dtype=torch.float64))
+    model = MLPBN().double().to(device)
     opt = _optimizer(model, case)
     groups = mlp_bn_groups()[:3]
     named = dict(model.named_parameters())
@@ -120,7 +120,7 @@ def test_predictions_match_float64_simulation(case):
     for step in range(case.get("steps", 30)):
         if case.get("mixed") and step == 15:
             opt.param_groups[0]["lr"] *= 0.5  # a schedule: η_t is read at every step
-        idx = torch.randperm(128, generator=gen)[: case["batch"]] if case.get("batch") else slice(None)
+        idx = torch.randperm(128, generator=gen)[: case["batch"]].to(device) if case.get("batch") else slice(None)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         if case.get("clip"):
@@ -234,11 +234,11 @@ def test_pre_step_sums_are_carried_unless_the_tensors_changed(momentum):
                 assert v < 4.0, (k, v)
 
 
-def test_hooks_never_change_training():
+def test_hooks_never_change_training(device):
     def run(track):
         torch.manual_seed(0)
-        x, y = synthetic_classification(n=64)
-        model = MLPBN()
+        x, y = (t.to(device) for t in synthetic_classification(n=64))
+        model = MLPBN().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
         tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=3) if track else None
         for _ in range(12):
@@ -250,6 +250,9 @@ def test_hooks_never_change_training():
         return [p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()]
 
     (p_a, b_a), (p_b, b_b) = run(False), run(True)
+    if device.type == "cuda":  # the comparison means something only if plain training repeats bitwise
+        p_c, _ = run(False)
+        assert all(torch.equal(a, c) for a, c in zip(p_a, p_c)), "plain CUDA training does not repeat bitwise"
     assert all(torch.equal(a, b) for a, b in zip(p_a, p_b))
     assert all(torch.equal(a, b) for a, b in zip(b_a, b_b))
 
@@ -405,12 +408,12 @@ ADAPTIVE = [
 
 
 @pytest.mark.parametrize("case", ADAPTIVE, ids=[c["id"] for c in ADAPTIVE])
-def test_adaptive_optimizers_against_the_real_step(case):
+def test_adaptive_optimizers_against_the_real_step(case, device):
     """Adam/AdamW/RMSprop: the trivial identity closes at the float64 floor, the radial share and the
     metric charge are the ones an independent computation from θ_t, θ_{t+1} and the state gives."""
     torch.manual_seed(0)
-    x, y = synthetic_classification(n=128, dtype=torch.float64)
-    model = MLPBN(eps=1e-30).double()  # BN ε ≈ 0: R_t at the float64 floor
+    x, y = (t.to(device) for t in synthetic_classification(n=128, dtype=torch.float64))
+    model = MLPBN(eps=1e-30).double().to(device)  # BN ε ≈ 0: R_t at the float64 floor
     opt = case["make"](model.parameters())
     groups = mlp_bn_groups()[:3]
     named = dict(model.named_parameters())
@@ -531,10 +534,10 @@ def test_state_dict_resume_gives_the_same_values():
     lambda ps: SGDW(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3, dampening=0.1),
 ], ids=["adamw_b1_0", "adam_amsgrad", "rmsprop_centered", "sgdw", "sgdm"])
-def test_new_rules_and_linear_charges_never_read_the_device_between_logs(make):
+def test_new_rules_and_linear_charges_never_read_the_device_between_logs(make, device):
     torch.manual_seed(0)
-    x, y = synthetic_classification(n=64)
-    model = MLPBN()
+    x, y = (t.to(device) for t in synthetic_classification(n=64))
+    model = MLPBN().to(device)
     opt = make(model.parameters())
     trans = SymmetryGroup("translation", "fc3", (Member("fc3.weight", 1), Member("fc3.bias", None, offset=16)),
                           17, "input feature", "t")
