@@ -799,8 +799,8 @@ class NoetherTracker:
             (n == "sign" and not any(h.maximize for h, _, _ in combos))
             or (n == "family" and len(families) == 1)
             or (n in ("decay", "metric") and "adam" not in families))]
-        kept = per_param[[_STEP_ROWS.index(n) for n in names]].index_select(1, self.layout.param_of_reduction)
-        coef: dict[str, Any] = dict(zip(names, kept))
+        kept = torch.stack([per_param[_STEP_ROWS.index(n)] for n in names])  # (views: no index copied to the device)
+        coef: dict[str, Any] = dict(zip(names, kept.index_select(1, self.layout.param_of_reduction)))
         coef["groups"] = self._group_coefficients(per_param)
         self._coef_cache = (key, coef)
         return coef
@@ -1139,8 +1139,8 @@ class NoetherTracker:
         lay, info = self.layout, self._theory()
         assert lay is not None
         names = ("adaptive", "eff_factor", "eq_numel", "relax", "eq_coef", "eq_angle", "rms_decay")
-        which = [_COEF_ROWS.index(n) for n in names] + list(range(len(_COEF_ROWS), per_param.shape[0]))
-        per_neuron = lay.params_to_groups(per_param[which]) / info.count
+        rows = [per_param[_COEF_ROWS.index(n)] for n in names] + list(per_param[len(_COEF_ROWS) :])
+        per_neuron = lay.params_to_groups(torch.stack(rows)) / info.count
         g = dict(zip(names, per_neuron))
         k = len(names)
         rms_decay = torch.where(info.scale, g["rms_decay"], torch.nan)
