@@ -683,9 +683,11 @@ class ChargeLayout:
                 shape = (self.n_neurons, self.n_reductions)
                 if which == "unsigned":
                     vals = torch.ones_like(vals)
-            coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.to(dtype), shape, check_invariants=True)
             with warnings.catch_warnings():  # torch calls its CSR support "beta" at every construction
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                # (and some releases warn that checks are off whatever a construction asks for)
+                warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+                coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals.to(dtype), shape, check_invariants=True)
                 coo = coo.coalesce()
                 if self.device.type == "cpu":  # int32 indices: what MKL reads (int64 ones are converted per call)
                     m = coo.t().coalesce().to_sparse_csc()
@@ -696,7 +698,8 @@ class ChargeLayout:
                     csr = coo.to_sparse_csr()
                     parts = (host_to_device(t, self.device)
                              for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
-                    m = torch.sparse_csr_tensor(*parts, csr.shape)  # the shape given: nothing is read back
+                    # checked on the host; the shape given: nothing is read back from the device
+                    m = torch.sparse_csr_tensor(*parts, csr.shape, check_invariants=False)
                 self._matrices[key] = m
         return m
 
