@@ -93,11 +93,12 @@ def _loader(n=384, batch=32):
     return DataLoader(TensorDataset(x[:n], y[:n]), batch_size=batch, shuffle=False)
 
 
-def _fit(tmp_path, monitors, *, model_kw=None, trainer_kw=None, ckpt_path=None, logger=True):
+def _fit(tmp_path, monitors, *, model_kw=None, trainer_kw=None, ckpt_path=None, logger=True, device="cpu"):
     seed_everything(0, verbose=False)
     model = Net(**(model_kw or {}))
     kw = dict(max_steps=24, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-              log_every_n_steps=4, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True)
+              log_every_n_steps=4, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
+              accelerator="gpu" if torch.device(device).type == "cuda" else "cpu", devices=1)
     kw.update(trainer_kw or {})
     trainer = Trainer(logger=TensorBoardLogger(tmp_path, name="run") if logger else False, callbacks=monitors, **kw)
     trainer.fit(model, train_dataloaders=_loader(), ckpt_path=ckpt_path)
@@ -110,6 +111,8 @@ SETUPS = [
     dict(id="clip_value", trainer=dict(gradient_clip_val=0.002, gradient_clip_algorithm="value")),
     dict(id="accumulate", trainer=dict(accumulate_grad_batches=3, max_steps=8)),
     dict(id="bf16_mixed", trainer=dict(precision="bf16-mixed")),
+    # float16 with a GradScaler (CUDA only): the scaler skips the steps whose gradients overflow
+    dict(id="fp16_mixed", trainer=dict(precision="16-mixed"), cuda_only=True),
     dict(id="scheduler_per_step", model=dict(scheduler="step")),
     dict(id="scheduler_per_epoch", model=dict(scheduler="epoch"), trainer=dict(max_steps=30)),
     dict(id="mixed_lr_wd_groups", model=dict(mixed_groups=True)),
@@ -123,11 +126,13 @@ SETUPS = [
 
 
 @pytest.mark.parametrize("setup", SETUPS, ids=[s["id"] for s in SETUPS])
-def test_residuals_at_the_floor_and_training_unchanged(tmp_path, setup):
+def test_residuals_at_the_floor_and_training_unchanged(tmp_path, setup, device):
+    if setup.get("cuda_only") and device.type != "cuda":
+        pytest.skip("float16 mixed precision with a GradScaler is a CUDA setting")
     monitor = NoetherMonitor(verbose=False)
-    trainer, monitored = _fit(tmp_path / "m", [monitor], model_kw=setup.get("model"),
-                              trainer_kw=setup.get("trainer"))
-    _, plain = _fit(tmp_path / "p", [], model_kw=setup.get("model"), trainer_kw=setup.get("trainer"))
+    kw = dict(model_kw=setup.get("model"), trainer_kw=setup.get("trainer"), device=device)
+    trainer, monitored = _fit(tmp_path / "m", [monitor], **kw)
+    _, plain = _fit(tmp_path / "p", [], **kw)
     for (name, a), b in zip(plain.state_dict().items(), monitored.state_dict().values()):
         assert torch.equal(a, b), f"{setup['id']}: {name} differs with the monitor attached"
     assert monitor.summary, f"{setup['id']}: nothing tracked"

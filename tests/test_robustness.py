@@ -90,17 +90,17 @@ def test_no_host_sync_on_steps_that_do_not_log(opt_kw, device):
             x[x > 0]
 
 
-def test_grad_scaler_skipped_steps_are_not_counted():
+def test_grad_scaler_skipped_steps_are_not_counted(device):
     torch.manual_seed(0)
-    x, y = synthetic_classification(n=64)
-    model = MLPBN()
+    x, y = (t.to(device) for t in synthetic_classification(n=64))
+    model = MLPBN().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10)
     tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=100)
     seen = 0
     for i in range(6):
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
             loss = nn.functional.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
         if i in (2, 4):

@@ -16,7 +16,8 @@ nvidia-smi -L
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__,
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-    tests/test_charges.py tests/test_tracker.py tests/test_robustness.py tests/test_callback.py 2>&1 | tee "$logs/pytest_gpu.log"
+    tests/test_charges.py tests/test_tracker.py tests/test_robustness.py tests/test_callback.py \
+    tests/test_lightning_setups.py 2>&1 | tee "$logs/pytest_gpu.log"
 tests=${PIPESTATUS[0]}
 timeout "${BENCH_TIMEOUT:-400}" python3 -m nld_callbacks.cli bench --device cuda "$@" 2>&1 | tee "$logs/bench_cuda.log"
 bench=${PIPESTATUS[0]}
