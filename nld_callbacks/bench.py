@@ -856,12 +856,18 @@ def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int 
         return "-     " if ok is None else ("met   " if ok else "MISSED")
 
     def check(name: str, wall: float, cpu: float, own: float | None, limit: float, unit: str = "x") -> None:
-        own_s = "" if own is None else f", {own:.3f}{unit} own"
-        out.append(f"{mark(wall <= limit)} {mark(None if own is None else own <= limit)}  {name}: "
-                   f"{wall:.3f}{unit} wall, {cpu:.3f}{unit} cpu{own_s} (target <= {limit:g}{unit})")
+        def num(v: float) -> str:  # NaN: a ratio over a reference that added no time (noise)
+            return "n/a" if math.isnan(v) else f"{v:.3f}{unit}"
+
+        def ok(v: float | None) -> bool | None:
+            return None if v is None or math.isnan(v) else v <= limit
+
+        own_s = "" if own is None else f", {num(own)} own"
+        out.append(f"{mark(ok(wall))} {mark(ok(own))}  {name}: "
+                   f"{num(wall)} wall, {num(cpu)} cpu{own_s} (target <= {limit:g}{unit})")
 
     def over(a: Stats, b: Stats) -> float:
-        return a.median / b.median if b.median > 0 else math.inf
+        return a.median / b.median if b.median > 0 else math.nan
 
     def against_references(some: Sequence[Row], model: str, label: str) -> None:
         ours = _find(some, model, label, "1")

@@ -183,3 +183,20 @@ def test_reference_verdicts_compare_added_time_under_lightning_too():
         "MISSED -       cnn (Lightning), added ms of NoetherMonitor every step minus item every step: "
         "1.000 ms wall, 1.000 ms cpu (target <= 0 ms)",
     ]
+
+
+def test_floor_verdict_is_undefined_when_the_floor_added_no_time():
+    """The MLP's added time over the floor's: a ratio, or n/a (no verdict) where the floor added ≤ 0 ms."""
+    def row(label, added, own):
+        a, o = bench.Stats.of([added]), bench.Stats.of([own])
+        return bench.Row("mlp", label, "1", 10.0, bench.Stats.of([1 + added / 10]), bench.Stats.of([1 + added / 10]),
+                         a, added_cpu_ms=a, own=bench.Stats.of([1 + own / 10]), own_ms=o)
+
+    def line(floor_added):
+        rows = [row("nld", 3.0, 2.5), row("floor", floor_added, 0.5)]
+        return next(ln for ln in bench._verdicts(rows, [], 10) if "floor added time" in ln)
+
+    assert line(2.0) == ("met    MISSED  mlp, nld added time / floor added time (every step): 1.500x wall, "
+                         "1.500x cpu, 5.000x own (target <= 2x)")
+    assert line(-0.1) == ("-      MISSED  mlp, nld added time / floor added time (every step): n/a wall, "
+                          "n/a cpu, 5.000x own (target <= 2x)")
