@@ -696,10 +696,10 @@ class ChargeLayout:
                                                 m.shape, check_invariants=True)
                 else:
                     csr = coo.to_sparse_csr()
-                    parts = (host_to_device(t, self.device)
-                             for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
+                    crow, col, val = (host_to_device(t, self.device)
+                                      for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
                     # checked on the host; the shape given: nothing is read back from the device
-                    m = torch.sparse_csr_tensor(*parts, csr.shape, check_invariants=False)
+                    m = torch.sparse_csr_tensor(crow, col, val, csr.shape, check_invariants=False)
                 self._matrices[key] = m
         return m
 

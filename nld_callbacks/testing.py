@@ -560,7 +560,7 @@ class _NoHostSync(torch.overrides.TorchFunctionMode):
         if self.cuda:
             self._mode = torch.cuda.get_sync_debug_mode()
             torch.cuda.set_sync_debug_mode("error")
-        return super().__enter__()  # type: ignore[no-any-return]
+        return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
