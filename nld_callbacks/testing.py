@@ -536,15 +536,32 @@ class HostSyncError(AssertionError):
     """A tracker hook read a tensor's value on the host on a step that does not log."""
 
 
+def _syncing_index(index: Any) -> str | None:
+    """What in an index would make a GPU wait: a Python list (copied from the host) or a boolean mask."""
+    for i in index if isinstance(index, tuple) else (index,):
+        if isinstance(i, list):
+            return "a Python list (its indices are copied from the host)"
+        if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+            return "a boolean mask (its size is read back)"
+    return None
+
+
 class _NoHostSync(torch.overrides.TorchFunctionMode):
     """Fails on the calls that read a tensor on the host; with ``cuda``, on any CUDA synchronisation.
 
-    The CUDA check is torch's sync debug mode set to ``"error"``: it also catches what no Python
-    call names (a boolean-mask index, a blocking copy from pageable memory, a sparse coalesce).
+    On any device it also fails on the calls that synchronise once on a GPU (a boolean-mask or
+    Python-list index, ``nonzero`` and the like), so that a CPU-only run finds them too. The CUDA
+    check is torch's sync debug mode set to ``"error"``: it catches what no Python call names (a
+    blocking copy from pageable memory, a sparse coalesce).
     """
 
     FORBIDDEN = frozenset({torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy,
                            torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__})
+    #: calls whose output size depends on the values: on a GPU they wait for it
+    SIZED_BY_VALUES = frozenset({torch.nonzero, torch.Tensor.nonzero, torch.argwhere, torch.Tensor.argwhere,
+                                 torch.masked_select, torch.Tensor.masked_select, torch.unique,
+                                 torch.Tensor.unique, torch.unique_consecutive, torch.Tensor.unique_consecutive})
+    INDEXING = frozenset({torch.Tensor.__getitem__, torch.Tensor.__setitem__})
 
     def __init__(self, cuda: bool = False) -> None:
         super().__init__()
@@ -554,6 +571,12 @@ class _NoHostSync(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in self.FORBIDDEN:
             raise HostSyncError(f"host sync in a tracker hook on a non-logging step: {func.__name__}")
+        if func in self.SIZED_BY_VALUES or (func is torch.where and len(args) + len(kwargs or {}) == 1):
+            raise HostSyncError(f"host sync in a tracker hook on a non-logging step: {func.__name__} "
+                                "(its output's size is read back from the device)")
+        why = _syncing_index(args[1]) if func in self.INDEXING and len(args) > 1 else None
+        if why is not None:
+            raise HostSyncError(f"host sync in a tracker hook on a non-logging step: an index with {why}")
         return func(*args, **(kwargs or {}))
 
     def __enter__(self) -> _NoHostSync:
@@ -573,9 +596,10 @@ def forbid_host_sync(tracker: Any) -> Any:
 
     ``.item()``, ``.cpu()``, ``.tolist()``, ``.numpy()``, ``bool(t)``, ``float(t)`` and ``int(t)``
     raise :class:`HostSyncError` inside the hooks, except on the steps whose post-hook logs (the
-    one transfer per logging step). On CUDA any synchronisation does (torch's sync debug mode set
-    to ``"error"`` inside the hooks), the first steps, which build the layout's maps, included.
-    Returns the tracker, re-attached.
+    one transfer per logging step); so do the calls that wait for a GPU, on any device (an index
+    with a boolean mask or a Python list, ``nonzero``, ``masked_select``, ``unique``). On CUDA any
+    synchronisation does (torch's sync debug mode set to ``"error"`` inside the hooks), the first
+    steps, which build the layout's maps, included. Returns the tracker, re-attached.
 
     Example:
         >>> import torch

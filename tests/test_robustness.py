@@ -82,9 +82,15 @@ def test_no_host_sync_on_steps_that_do_not_log(opt_kw, device):
         opt.step()
     assert tracker.step == 8 and len(tracker.logged) == 2
 
-    # the guard itself works: a sync inside it fails
+    # the guard itself works: a sync inside it fails, and so, on any device, does what waits for a GPU
     with pytest.raises(HostSyncError, match="host sync"), _NoHostSync():
         torch.ones(1).item()
+    for waits in (lambda: x[[0, 1]], lambda: x[x > 0], lambda: x.nonzero(), lambda: torch.where(x > 0),
+                  lambda: y.unique()):
+        with pytest.raises(HostSyncError, match="host sync"), _NoHostSync():
+            waits()
+    with _NoHostSync():  # and what does not wait passes
+        x[0, :, 1:3], x[torch.zeros(2, dtype=torch.long, device=device)], torch.where(x > 0, x, 0.0)
     if device.type == "cuda":  # and on CUDA one that no Python call names (a boolean-mask index)
         with pytest.raises(RuntimeError, match="synchronizing CUDA operation"), _NoHostSync(cuda=True):
             x[x > 0]
