@@ -91,9 +91,9 @@ def test_no_host_sync_on_steps_that_do_not_log(opt_kw, device):
             waits()
     with _NoHostSync():  # and what does not wait passes
         x[0, :, 1:3], x[torch.zeros(2, dtype=torch.long, device=device)], torch.where(x > 0, x, 0.0)
-    if device.type == "cuda":  # and on CUDA one that no Python call names (a boolean-mask index)
+    if device.type == "cuda":  # and on CUDA one that no Python call names (a blocking copy from the host)
         with pytest.raises(RuntimeError, match="synchronizing CUDA operation"), _NoHostSync(cuda=True):
-            x[x > 0]
+            torch.tensor([0, 1]).to(device)
 
 
 def test_grad_scaler_skipped_steps_are_not_counted(device):
