@@ -1,5 +1,7 @@
 """The fast ChargeLayout path against the per-group reference loop."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -84,15 +86,20 @@ def test_to_groups_of_many_rows_in_blocks(monkeypatch):
 
 
 def test_to_groups_through_the_csr_map_of_other_devices(monkeypatch):
-    # off the CPU the maps are CSR and a product is one mm() of all rows: the same numbers, here on
-    # the CPU with the CSR map forced, from a matrix and from a list of rows
+    # off the CPU the maps are CSR, built on the host and copied over, and a product is one mm() of
+    # all rows: the same numbers, here on the CPU with another device's maps (kept on the host),
+    # from a matrix and from a list of rows, signed, unsigned and per group
     lay = ChargeLayout(GROUPS, SHAPES)
     rows = torch.stack([lay.reduce(X, Y) for X, Y in ((_tensors(i), _tensors(i + 10)) for i in range(4))])
-    expected = lay.to_groups(rows)
-    csr = lay._matrix("signed", torch.float64).to_dense().T.to_sparse_csr()
-    monkeypatch.setattr(lay, "_matrix", lambda which, dtype: csr)
-    torch.testing.assert_close(lay.to_groups(rows), expected, rtol=0, atol=1e-14)
-    torch.testing.assert_close(lay.to_groups(list(rows.unbind())), expected, rtol=0, atol=1e-14)
+    expected = [lay.to_groups(rows), lay.to_groups(rows, unsigned=True), lay.per_group(lay.to_groups(rows))]
+    other = ChargeLayout(GROUPS, SHAPES)
+    monkeypatch.setattr(other, "device", SimpleNamespace(type="other"))
+    monkeypatch.setattr(charges, "host_to_device", lambda t, device: t)
+    got = [other.to_groups(rows), other.to_groups(rows, unsigned=True), other.per_group(other.to_groups(rows))]
+    assert {m.layout for m in other._matrices.values()} == {torch.sparse_csr}
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    torch.testing.assert_close(other.to_groups(list(rows.unbind())), expected[0], rtol=0, atol=1e-14)
 
 
 def test_cpu_sparse_maps_keep_int32_indices_and_values_only():
