@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .symmetries import SymmetryReport, find_symmetries
+from .testing import cuda_sync_errors
 from .tracker import NoetherTracker
 
 __all__ = ["Stats", "count_ops", "main", "resnet_cnn", "wide_mlp", "bn_cnn_deep"]
@@ -369,7 +370,7 @@ def _train(work: Workload, inst: _Instrument, report: SymmetryReport, steps: int
                 inst.timing, inst.spent = True, 0.0
             x, y = work.batches[i % len(work.batches)]
             guard = check_sync and i >= warmup and inst.every is not None and (i + 1) % inst.every != 0
-            with _sync_debug(device, guard):
+            with cuda_sync_errors(guard and device.type == "cuda"):
                 opt.zero_grad(set_to_none=True)
                 loss_fn(model(x), y).backward()
                 ta = time.perf_counter()
@@ -381,19 +382,6 @@ def _train(work: Workload, inst: _Instrument, report: SymmetryReport, steps: int
         return Timing((time.perf_counter() - t0) / steps, (time.thread_time() - c0) / steps, inst.spent / steps)
     finally:
         inst.close()
-
-
-@contextmanager
-def _sync_debug(device: torch.device, on: bool) -> Iterator[None]:
-    """``torch.cuda.set_sync_debug_mode("error")`` around a step: any host sync raises."""
-    if not on or device.type != "cuda":
-        yield
-        return
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:

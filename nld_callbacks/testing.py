@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -536,6 +538,26 @@ class HostSyncError(AssertionError):
     """A tracker hook read a tensor's value on the host on a step that does not log."""
 
 
+@contextmanager
+def cuda_sync_errors(on: bool = True) -> Iterator[None]:
+    """Inside: any CUDA host synchronisation raises (torch's sync debug mode set to ``"error"``).
+
+    The mode in force before is restored after; torch's notice that the mode is a prototype is not
+    repeated. ``on=False`` does nothing (for a check that applies only on some steps or devices).
+    """
+    if not on:
+        yield
+        return
+    old = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype feature")
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
 def _syncing_index(index: Any) -> str | None:
     """What in an index would make a GPU wait: a Python list (copied from the host) or a boolean mask."""
     for i in index if isinstance(index, tuple) else (index,):
@@ -565,8 +587,7 @@ class _NoHostSync(torch.overrides.TorchFunctionMode):
 
     def __init__(self, cuda: bool = False) -> None:
         super().__init__()
-        self.cuda = cuda
-        self._mode = 0
+        self._cuda = cuda_sync_errors(cuda)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in self.FORBIDDEN:
@@ -580,15 +601,12 @@ class _NoHostSync(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
     def __enter__(self) -> _NoHostSync:
-        if self.cuda:
-            self._mode = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode("error")
+        self._cuda.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
-        if self.cuda:
-            torch.cuda.set_sync_debug_mode(self._mode)
+        self._cuda.__exit__(*exc)
 
 
 def forbid_host_sync(tracker: Any) -> Any:
