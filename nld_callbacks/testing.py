@@ -32,6 +32,7 @@ __all__ = [
     "BNCNN",
     "mlp_bn_groups",
     "HostSyncError",
+    "cuda_sync_errors",
     "forbid_host_sync",
     "MLPBN",
     "MLPLN",
