@@ -559,6 +559,10 @@ def cuda_sync_errors(on: bool = True) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(old)
 
 
+def _sync_error(what: str) -> HostSyncError:
+    return HostSyncError(f"host sync in a tracker hook on a non-logging step: {what}")
+
+
 def _syncing_index(index: Any) -> str | None:
     """What in an index would make a GPU wait: a Python list (copied from the host) or a boolean mask."""
     for i in index if isinstance(index, tuple) else (index,):
@@ -588,20 +592,21 @@ class _NoHostSync(torch.overrides.TorchFunctionMode):
 
     def __init__(self, cuda: bool = False) -> None:
         super().__init__()
-        self._cuda = cuda_sync_errors(cuda)
+        self.cuda = cuda
+        self._cuda: Any = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in self.FORBIDDEN:
-            raise HostSyncError(f"host sync in a tracker hook on a non-logging step: {func.__name__}")
+            raise _sync_error(func.__name__)
         if func in self.SIZED_BY_VALUES or (func is torch.where and len(args) + len(kwargs or {}) == 1):
-            raise HostSyncError(f"host sync in a tracker hook on a non-logging step: {func.__name__} "
-                                "(its output's size is read back from the device)")
+            raise _sync_error(f"{func.__name__} (its output's size is read back from the device)")
         why = _syncing_index(args[1]) if func in self.INDEXING and len(args) > 1 else None
         if why is not None:
-            raise HostSyncError(f"host sync in a tracker hook on a non-logging step: an index with {why}")
+            raise _sync_error(f"an index with {why}")
         return func(*args, **(kwargs or {}))
 
     def __enter__(self) -> _NoHostSync:
+        self._cuda = cuda_sync_errors(self.cuda)  # a fresh one per use: the mode may be entered again
         self._cuda.__enter__()
         return super().__enter__()
 
@@ -648,7 +653,7 @@ def forbid_host_sync(tracker: Any) -> Any:
             except RuntimeError as err:
                 if "synchronizing CUDA operation" not in str(err):
                     raise
-                raise HostSyncError(f"host sync in a tracker hook on a non-logging step: {err}") from err
+                raise _sync_error(str(err)) from err
 
         return run
 
