@@ -98,14 +98,23 @@ _N_ROWS = 29
 # How the ranks' rows combine (row shards): maxima, and sums (every other row but the means)
 _MAX_ROWS = [_WIN_E, _WIN_B, _RUN_E, _BAD]
 _SUM_ROWS = [r for r in range(22) if r not in _MEANS and r not in _MAX_ROWS]
-# The rows one tracked step writes, in the order NoetherTracker._accumulate assembles them:
-# window and run maxima, last values, running sums, means (measured, then constant) and counts.
+# The rows every tracked step writes, in the order NoetherTracker._accumulate assembles them:
+# window and run maxima, running sums, the means of the coefficients' constants and their counts.
 _EXTREMES = [_WIN_E, _WIN_B, _RUN_E]
-_MEAN_ORDER = [_EFF, _ANGLE, _RADIAL, _RMS_ACC, _ANGLE_STAR, _RELAX, _RMS_DECAY]
-_UPDATE = (_EXTREMES + [_CHARGE, _PRED, _TOL, _NLD, _QSTAR, _METRIC, _METRIC_PRED, _SUM_OBS, _SUM_SYM, _SUM_BRK]
-           + _MEAN_ORDER + [_COUNTS[_MEANS.index(r)] for r in _MEAN_ORDER])
-# Per-neuron state of the continuous laws and equilibrium averages (NoetherTracker._dyn).
+_CONST_MEANS = [_ANGLE_STAR, _RELAX, _RMS_DECAY]
+_STEP_UPDATE = (_EXTREMES + [_SUM_OBS, _SUM_SYM, _SUM_BRK] + _CONST_MEANS
+                + [_COUNTS[_MEANS.index(r)] for r in _CONST_MEANS])
+# The last-value rows: written from the held rows of the last valid step when the accumulators are
+# read (NoetherTracker._write_last), not at every step.
+_LAST_MEANS = [_EFF, _ANGLE, _RADIAL, _RMS_ACC]
+_LAST_UPDATE = ([_CHARGE, _PRED, _TOL, _NLD, _QSTAR, _METRIC, _METRIC_PRED] + _LAST_MEANS
+                + [_COUNTS[_MEANS.index(r)] for r in _LAST_MEANS])
+# Per-neuron state (NoetherTracker._dyn), one masked write per tracked step: the continuous laws and
+# equilibrium averages ("on": a valid step was seen), then what the last-value rows are made of.
 _DYN_KEYS = ("nld", "nld_rate", "on", "ema_x", "ema_w")
+_HELD_KEYS = ("q0", "q1", "pred", "tol", "step_sq", "eff_factor", "eq_coef", "adaptive", "rmsprop", "radial",
+              "metric_charge", "metric_pred")
+_STATE_KEYS = _DYN_KEYS + _HELD_KEYS
 
 
 @dataclass
@@ -215,6 +224,18 @@ class _Step:
     UU: Tensor | None
     metric: tuple[Tensor, Tensor] | None
     fresh: bool
+
+
+@dataclass
+class _LastStep:
+    """One tracked step's per-neuron values, from which :attr:`NoetherTracker.last` is made when read.
+
+    ``identities``: the step was predicted (an optimizer the tracker models).
+    """
+
+    step: int
+    identities: bool
+    values: dict[str, Tensor]
 
 
 @dataclass
@@ -621,13 +642,15 @@ class NoetherTracker:
         self._may_nest = any("step" in vars(c) for c in type(optimizer).__mro__[1:]
                              if c is not torch.optim.Optimizer) and "step" in vars(type(optimizer))
         self.logged: list[dict[str, float]] = []
-        self.last: StepRecord | None = None
+        self._last_step: _LastStep | None = None
+        self._last_record: StepRecord | None = None
         self.report: SymmetryReport | None = None
         self._signature: tuple[int, int] | None = None
         self.layout: ChargeLayout | None = None
         self._handles: list[Any] = []
         self._pre: tuple[Tensor, Tensor | None, dict[str, bool]] | None = None
-        self._acc: Tensor | None = None
+        self._acc_rows: Tensor | None = None  # the accumulators, per group (read them through _acc)
+        self._held_pending = False  # the held state has a step the last-value rows do not show yet
         self._started = False
         self._bad_warned = False
         self._coef_cache: tuple[Any, dict[str, Tensor]] | None = None
@@ -706,6 +729,7 @@ class NoetherTracker:
                             type(self.model).__name__)
             return
         old_keys = [g.key for g in self.groups]
+        old_acc = self._acc  # the last values written in, while the old layout is there to write them
         device = _local(next(iter(self._params.values()))).device
         self.layout = ChargeLayout(groups, {n: _local(p).shape for n, p in self._params.items()}, device,
                                    float64_accumulation=self.float64_accumulation)
@@ -713,12 +737,13 @@ class NoetherTracker:
         u = torch.tensor([theory.unit_roundoff(p.dtype) for p in self._params.values()], dtype=torch.float64)
         self._unit_r = u.to(device).index_select(0, self.layout.param_of_reduction)
         acc = torch.zeros(_N_ROWS, len(groups), dtype=torch.float64, device=device)
-        self._update_rows = torch.tensor(_UPDATE, device=device)
+        self._step_rows = torch.tensor(_STEP_UPDATE, device=device)
+        self._last_rows = torch.tensor(_LAST_UPDATE, device=device)
         self._extreme_rows = torch.tensor(_EXTREMES, device=device)
         kept = [(i, old_keys.index(g.key)) for i, g in enumerate(groups) if g.key in old_keys]
-        if self._acc is not None and kept:
+        if old_acc is not None and kept:
             new_i, old_i = (torch.tensor(v, device=device) for v in zip(*kept))
-            acc[:, new_i] = self._acc.to(device)[:, old_i]
+            acc[:, new_i] = old_acc.to(device)[:, old_i]
         self._acc = acc
         self._started = bool(kept) and self._started
         self._coef_cache = None
@@ -817,8 +842,8 @@ class NoetherTracker:
         if old is not None and old.layout is lay:
             return old
         info = _TheoryLayout.build(lay, {n: _local(p) for n, p in self._params.items()}, self._partial_keys)
-        self._dyn_rows = torch.zeros(len(_DYN_KEYS), lay.n_neurons, dtype=torch.float64, device=lay.device)
-        dyn = dict(zip(_DYN_KEYS, self._dyn_rows))  # views: one masked write updates every row
+        self._dyn_rows = torch.zeros(len(_STATE_KEYS), lay.n_neurons, dtype=torch.float64, device=lay.device)
+        dyn = dict(zip(_STATE_KEYS, self._dyn_rows))  # views: one masked write updates every row
         if old is not None and self._dyn:
             where = {k: (o, g.n_neurons) for k, o, g in zip(old.keys, old.layout.group_offsets, old.layout.groups)}
             for k, o, g in zip(info.keys, lay.group_offsets, lay.groups):
@@ -962,6 +987,8 @@ class NoetherTracker:
         self._tracked_before, self._since = True, 0
         theta, bufs = self._state(optimizer)
         grads = self._grads()
+        # the last record goes before this step's products: it is this step's from here on
+        self._last_step = self._last_record = None
         # the next step is tracked: keep this one's θ-sums
         carry = self.auto.k == 1 if self.auto is not None else self._sampled(self.step + 2)
         self.layout.prefetch(self._fused_pairs(theta, bufs, grads, optimizer, carry=carry))
@@ -1151,15 +1178,17 @@ class NoetherTracker:
         # kept per neuron while the coefficients hold: only what every step reads
         rates = torch.stack([g["eff_factor"], 1.0 / g["relax"].clamp_min(1.0), g["eq_coef"]])
         prop = torch.where(info.linear, per_neuron[k + 6 : k + 12], per_neuron[k : k + 6])
-        return {"adaptive": g["adaptive"] > 0.5, "eq_numel": g["eq_numel"] > 0.5, "rmsprop": torch.isfinite(rms_decay),
+        flags = torch.stack([g["adaptive"] > 0.5, torch.isfinite(rms_decay)])
+        return {"adaptive": flags[0], "eq_numel": g["eq_numel"] > 0.5, "flags": flags.to(torch.float64),
                 "eff_factor": rates[0], "alpha": rates[1], "eq_coef": rates[2], "prop": prop,
                 "means": self._finite_mean(const)}
 
     def _no_means(self) -> tuple[Tensor, Tensor]:
         """The constant means' rows when nothing is predicted: absent, over no neuron."""
-        assert self._acc is not None
-        n = self._acc.shape[1]
-        return self._acc.new_full((3, n), float("nan")), self._acc.new_zeros(3, n)
+        acc = self._acc_rows
+        assert acc is not None
+        n = acc.shape[1]
+        return acc.new_full((3, n), float("nan")), acc.new_zeros(3, n)
 
     def _to_neurons(self, Q0: Tensor, Q1: Tensor, terms: _Step | None) -> _Mapped:
         """Every per-reduction quantity of the step on the group neurons, in two batched maps."""
@@ -1194,7 +1223,7 @@ class NoetherTracker:
                        abs1=terms.abs1 is not None, coef=terms.coef["groups"], fresh=terms.fresh)
 
     def _accumulate(self, m: _Mapped) -> None:
-        lay, acc = self.layout, self._acc
+        lay, acc = self.layout, self._acc_rows
         assert lay is not None and acc is not None
         info = self._theory()
         signed, unsigned = m.take()  # the mapped rows live while a view of them is needed, no longer
@@ -1208,18 +1237,19 @@ class NoetherTracker:
             t0, t1 = next(S), next(S)
             q0, q1 = torch.where(info.linear, t0, q0), torch.where(info.linear, t1, q1)
             del t0, t1
-        else:  # copies: the record of the step (self.last) keeps them, not every mapped row
+        else:  # copies: the record of the step keeps them, not every mapped row
             q0, q1 = torch.stack([q0, q1]).unbind()
         nan = torch.full_like(q0, float("nan"))
         if not self._started:
             acc[_START] = lay.per_group(q0)
             self._started = True
         dyn = self._dyn
-        new_dyn: dict[str, Tensor] = {}
-        metric_charge = metric_pred = radial = nld = qstar = rms_acc = nan
+        # this step's per-neuron state; a key left out keeps its row
+        new: dict[str, Tensor] = {"q0": q0, "q1": q1, "on": torch.ones_like(q0)}
+        last: dict[str, Tensor] = {}
         if cg is None:
             obs = q1 - q0
-            pred = sym = brk = r = b = e = eff = angle = tol = nan
+            sym = brk = r = b = e = nan
         else:
             # quadratic and linear charges sit on disjoint neurons: each neuron takes its kind's terms
             split = [(next(S), next(S), next(S), next(S), next(U), next(U), next(U)) for _ in range(parts)]
@@ -1237,12 +1267,16 @@ class NoetherTracker:
                 rounding = torch.where(info.linear, next(U), rounding)
             del split, S, U
             # what still reads the mapped rows, first: then they can go (a few MiB on a wide model)
+            radial = metric_charge = metric_pred = nan
             if UU is not None:
                 radial = torch.where(cg["adaptive"] & info.scale, quad_force / (q0 * UU).clamp_min(0).sqrt(), nan)
+            if metric is not None:
+                metric_charge = torch.where(info.linear, nan, metric[0])
+                metric_pred = torch.where(info.linear, nan, metric[1])
             drive = torch.where(info.linear, 0.0, drive_g)  # §2.2: the continuous law's drive
             # §2.4: Q*² = coefficient · EMA of the scale-free drive, averaged over one relaxation time
             X = torch.where(cg["eq_numel"], info.numel * info.numel, q0 * eq_drive_g)
-            del quad_force, drive_g, eq_drive_g
+            del quad_force, drive_g, eq_drive_g, UU, metric
             count = info.count
             # Tensors of one group with different coefficients (mixed lr/wd): only Σ s_i R_i = 0 is a
             # symmetry; the rest of Σ s_i(−k_i R_i) is a real drift and belongs to the prediction
@@ -1252,13 +1286,6 @@ class NoetherTracker:
             brk = brk_sym
             r, b, e = theory.residual_decomposition(obs, sym, brk, scale_terms, rounding)
             tol = scale_terms + 4.0 * rounding  # D_t per neuron (§3.2)
-            pred = q0 + sym
-            adaptive = cg["adaptive"]
-            # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
-            # left out of the layer means
-            norm = q0 if UU is None else torch.where(adaptive, q0.clamp_min(0).sqrt(), q0)  # |w|² or |w|
-            eff = torch.where(q0 > 0, cg["eff_factor"] / norm, nan)
-            angle = torch.where((q0 > 0) & (q1 > 0), theory.angular_update(q0, q1, step_sq), nan)
             # §2.2: the continuous law, one exact step of its propagator per optimizer step
             prop = cg["prop"]
             on = dyn["on"] > 0
@@ -1269,52 +1296,132 @@ class NoetherTracker:
                 Qn, dQn = torch.where(on, Qs, Qn), torch.where(on, dQs, dQn)
             if not fresh:  # started mid-run with a filled buffer: Q'(t0) = the observed step
                 Qn, dQn = torch.where(on, Qn, q1), torch.where(on, dQn, q1 - q0)
-            new_dyn.update(nld=Qn, nld_rate=dQn, on=torch.ones_like(Qn))
-            nld = Qn
             # §2.4: the EMA of X over one relaxation time, per sampled step the weight of its span
             alpha = cg["alpha"] if self._span == 1 else 1.0 - (1.0 - cg["alpha"]) ** self._span
             ema_x = torch.lerp(dyn["ema_x"], X, alpha)
             ema_w = torch.lerp(dyn["ema_w"], torch.ones_like(alpha), alpha)
-            new_dyn.update(ema_x=ema_x, ema_w=ema_w)
-            qstar = torch.where(info.scale, (cg["eq_coef"] * ema_x / ema_w).sqrt(), nan)
-            rms_acc = torch.where(cg["rmsprop"], q1 * q1, nan)  # §2.3: |w|⁴ = Q²
-            if metric is not None:
-                metric_charge = torch.where(info.linear, nan, metric[0])
-                metric_pred = torch.where(info.linear, nan, metric[1])
+            # the last-value inputs: the rates, angles and means are made of them only when read
+            last = {"pred": q0 + sym, "tol": tol, "step_sq": step_sq.clone(), "nld": Qn, "ema_x": ema_x, "ema_w": ema_w,
+                    "eff_factor": cg["eff_factor"], "eq_coef": cg["eq_coef"], "adaptive": cg["flags"][0],
+                    "rmsprop": cg["flags"][1], "radial": radial, "metric_charge": metric_charge,
+                    "metric_pred": metric_pred}
+            new.update(last, nld_rate=dQn)
         # A non-finite step (NaN/inf gradient) is marked invalid and kept out of the accumulators,
         # without a host sync: the decision is a device-side mask.
+        e_abs = e.abs()
+        extremes = torch.stack([e_abs, b.abs(), e_abs])
+        checked = torch.stack([obs, e]) if cg is not None else obs
+        summed = torch.stack([obs, sym, brk])
+        if info.owned is not None:  # another rank's neurons: neutral in every per-group statistic
+            extremes = torch.where(info.owned, extremes, 0.0)
+            checked = torch.where(info.owned, checked, 0.0)
+            summed = torch.where(info.owned, summed, 0.0)
+        ok = torch.isfinite(checked).all()
+        const, const_counts = cg["means"] if cg is not None else self._no_means()
+        # the rows every step writes, in one write (_STEP_UPDATE order); the last-value rows are
+        # written from the held state when the accumulators are read (_write_last)
+        updated = acc.index_copy(0, self._step_rows, torch.cat([
+            torch.fmax(acc.index_select(0, self._extreme_rows), lay.per_group(extremes, "amax")),
+            acc[_SUM_OBS : _SUM_BRK + 1] + lay.per_group(summed), const, const_counts]))
+        acc.copy_(torch.where(ok, updated, acc))  # an invalid step leaves every row as it was ...
+        acc[_BAD] += (~ok).to(acc.dtype)  # ... and is counted
+        # ... and the held state too: the laws advance, and the last values move, on a valid step only
+        rows = self._dyn_rows
+        rows.copy_(torch.where(ok, torch.stack([new[k] if k in new else rows[i] for i, k in enumerate(_STATE_KEYS)]),
+                               rows))
+        self._held_pending = True
+        self._last_step = _LastStep(self.step + 1, self.opt_model.supported and cg is not None,
+                                    dict(last, q0=q0, q1=q1, brk=brk, r=r, b=b, e=e))
+        self._last_record = None
+
+    def _derived(self, v: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The per-neuron rates, angle and equilibrium of one step's last-value inputs ``v``."""
+        info = self._theory()
+        q0, q1 = v["q0"], v["q1"]
+        nan = torch.full_like(q0, float("nan"))
+        # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
+        # left out of the layer means
+        norm = torch.where(v["adaptive"] > 0, q0.clamp_min(0).sqrt(), q0)  # |w|² or |w| (adaptive rules)
+        return {
+            "eff": torch.where(q0 > 0, v["eff_factor"] / norm, nan),
+            "angle": torch.where((q0 > 0) & (q1 > 0), theory.angular_update(q0, q1, v["step_sq"]), nan),
+            "qstar": torch.where(info.scale, (v["eq_coef"] * v["ema_x"] / v["ema_w"]).sqrt(), nan),
+            "rms_acc": torch.where(v["rmsprop"] > 0, q1 * q1, nan),  # §2.3: |w|⁴ = Q²
+        }
+
+    def _write_last(self) -> None:
+        """Write the last-value rows of the last valid tracked step into the accumulators.
+
+        From the held state (one masked write per step keeps it at the last valid step): the
+        charge, prediction, tolerance, laws and metric charges summed over each group's neurons,
+        and the means of the rates and angles. Groups with no valid step yet keep their rows.
+        """
+        self._held_pending = False
+        lay, acc = self.layout, self._acc_rows
+        if lay is None or acc is None:
+            return
+        info = self._theory()
+        h = self._dyn
+        q1 = h["q1"]
+        if self.opt_model.supported:
+            d = self._derived(h)
+            eff, angle, qstar, rms_acc = d["eff"], d["angle"], d["qstar"], d["rms_acc"]
+            pred, tol, nld = h["pred"], h["tol"], h["nld"]
+            radial, metric_charge, metric_pred = h["radial"], h["metric_charge"], h["metric_pred"]
+        else:
+            eff = angle = qstar = rms_acc = pred = tol = nld = radial = metric_charge = metric_pred = (
+                torch.full_like(q1, float("nan")))
         averaged = torch.stack([eff, angle, radial, rms_acc])
         if info.partial is not None:  # partial sums (FSDP): no per-neuron ratio or root means anything
             averaged = torch.where(info.partial, torch.nan, averaged)
             qstar = torch.where(info.partial, torch.nan, qstar)
-        e_abs = e.abs()
-        extremes = torch.stack([e_abs, b.abs(), e_abs])
-        checked = torch.stack([obs, e]) if cg is not None else obs
         if info.owned is not None:  # another rank's neurons: neutral in every per-group statistic
-            extremes = torch.where(info.owned, extremes, 0.0)
             averaged = torch.where(info.owned, averaged, torch.nan)
-            checked = torch.where(info.owned, checked, 0.0)
-        ok = torch.isfinite(checked).all()
         finite = torch.isfinite(averaged)  # means over the neurons with a value (one map with the sums)
-        summed = [q1, pred, tol, nld, qstar, metric_charge, metric_pred, obs, sym, brk]
+        summed = [q1, pred, tol, nld, qstar, metric_charge, metric_pred]
         table = torch.stack([*summed, *torch.where(finite, averaged, 0.0), *finite.to(averaged.dtype)])
         if info.owned is not None:  # (the averaged rows are 0 there already)
             table = torch.where(info.owned, table, 0.0)
         sums, totals, counts = lay.per_group(table).split([len(summed), len(averaged), len(averaged)])
         del table
-        means = totals / counts
-        const, const_counts = cg["means"] if cg is not None else self._no_means()
-        # every row in one write (_UPDATE order); _START and _BAD are kept
-        new = acc.index_copy(0, self._update_rows, torch.cat([
-            torch.fmax(acc.index_select(0, self._extreme_rows), lay.per_group(extremes, "amax")),
-            sums[:7], acc[_SUM_OBS : _SUM_BRK + 1] + sums[7:], means, const, counts, const_counts]))
-        acc.copy_(torch.where(ok, new, acc))  # an invalid step leaves every row as it was ...
-        acc[_BAD] += (~ok).to(acc.dtype)  # ... and is counted
-        if new_dyn:  # the laws' state advances on a valid step only
-            rows = self._dyn_rows
-            rows.copy_(torch.where(ok, torch.stack([new_dyn[k] for k in _DYN_KEYS]), rows))
-        self.last = StepRecord(self.step + 1, q0, q1, pred, brk, r, b, e, eff, angle, nld=nld, equilibrium=qstar,
-                               metric_charge=metric_charge, metric_predicted=metric_pred, radial_update=radial)
+        valid = lay.per_group(h["on"], "amax") > 0  # groups with a valid step since they were laid out
+        rows = self._last_rows
+        acc.index_copy_(0, rows, torch.where(valid, torch.cat([sums, totals / counts, counts]),
+                                             acc.index_select(0, rows)))
+
+    @property
+    def last(self) -> StepRecord | None:
+        """The last tracked step, per group neuron (made when read)."""
+        src = self._last_step
+        if src is None:
+            return None
+        if self._last_record is None:
+            v = src.values
+            if src.identities:
+                d = self._derived(v)
+                eff, angle, nld, qstar = d["eff"], d["angle"], v["nld"], d["qstar"]
+                extra = {"metric_charge": v["metric_charge"], "metric_predicted": v["metric_pred"],
+                         "radial_update": v["radial"]}
+                pred = v["pred"]
+            else:
+                nan = torch.full_like(v["q0"], float("nan"))
+                eff = angle = nld = qstar = pred = nan
+                extra = {"metric_charge": nan, "metric_predicted": nan, "radial_update": nan}
+            self._last_record = StepRecord(src.step, v["q0"], v["q1"], pred, v["brk"], v["r"], v["b"], v["e"], eff,
+                                           angle, nld=nld, equilibrium=qstar, **extra)
+        return self._last_record
+
+    @property
+    def _acc(self) -> Tensor | None:
+        """The per-group accumulators, the last-value rows of the last valid step written in."""
+        if self._held_pending:
+            self._write_last()
+        return self._acc_rows
+
+    @_acc.setter
+    def _acc(self, value: Tensor | None) -> None:
+        self._acc_rows = value
+        self._held_pending = False
 
     def sync_step(self, step: int) -> None:
         """Align the step count with an external optimizer-step clock (a trainer's global step).

@@ -548,3 +548,64 @@ def test_new_rules_and_linear_charges_never_read_the_device_between_logs(make, d
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     assert len(tracker.logged) == 2 and tracker.logged[-1]["nld/translation/fc3/residual"] < 4.0
+
+
+_WINDOW_TAGS = ("residual", "breaking")  # the largest of the logging window; every other tag: the last value
+
+
+@pytest.mark.parametrize("make,laws", [
+    (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-3),
+     ("nld", "equilibrium", "rmsprop_accumulator")),
+    (lambda ps: torch.optim.RMSprop(ps, lr=1e-3, weight_decay=1e-3), ("metric_charge", "radial_update")),
+    (lambda ps: torch.optim.AdamW(ps, lr=1e-3), ("equilibrium", "radial_update")),
+], ids=["sgdm_wd", "rmsprop", "adamw"])
+@pytest.mark.parametrize("poison_at", [None, 6], ids=["valid", "non_finite_from_step_6"])
+def test_a_logging_window_logs_what_logging_every_step_logs_at_its_end(make, laws, poison_at):
+    """The last values are written when read: a window of 4 steps ends with every-step logging's values.
+
+    A per-step learning-rate schedule changes the coefficients at every step. With a non-finite
+    gradient at step 6 (every later step is invalid too) the window logs the last valid step's values.
+    """
+    x, y = synthetic_classification(n=64, dtype=torch.float64)
+
+    def run(every):
+        torch.manual_seed(0)
+        model = MLPBN().double()
+        opt = make(model.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + 0.1 * t))
+        tracker = NoetherTracker(model, opt, example_input=x, log_every_n_steps=every)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the non-finite steps' warning
+            for t in range(1, 13):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                if t == poison_at:
+                    model.fc1.weight.grad[0, 0] = float("inf")
+                opt.step()
+                sched.step()
+                theta = {n: p.detach() for n, p in model.named_parameters()}
+                charges.append({f"nld/{g.kind}/{g.name}/charge": float(_B(g, theta, theta).sum())
+                                for g in tracker.groups if g.kind != "translation"})
+        return tracker.logged
+
+    charges: list[dict[str, float]] = []
+    each = run(1)
+    for t, (logged, ref) in enumerate(zip(each, charges), 1):  # every-step logging against plain sums
+        for k, q in ref.items():
+            expected = q if t < (poison_at or 13) else charges[poison_at - 2][k]  # then: the last valid step's
+            assert logged[k] == pytest.approx(expected, rel=1e-13), (t, k)
+    window = run(4)
+    assert len(each) == 12 and len(window) == 3
+    last_valid = 12 if poison_at is None else poison_at - 1
+    for i, logged in enumerate(window):
+        end = 4 * (i + 1)
+        ref = each[min(end, last_valid) - 1]
+        assert logged.keys() == ref.keys()
+        quantities = {t.split("/")[-1] for t in ref}
+        assert {"charge", "predicted", "band_upper", "effective_lr", "angular_update", *laws} <= quantities
+        for t, v in logged.items():
+            if t.split("/")[-1] in _WINDOW_TAGS:
+                steps = range(end - 4, min(end, last_valid))  # the window's valid steps (none: 0)
+                assert v == max((each[s][t] for s in steps), default=0.0), t
+            else:
+                assert v == ref[t], (t, v, ref[t])
