@@ -112,9 +112,10 @@ _LAST_UPDATE = ([_CHARGE, _PRED, _TOL, _NLD, _QSTAR, _METRIC, _METRIC_PRED] + _L
 # Per-neuron state (NoetherTracker._dyn), one masked write per tracked step: the continuous laws and
 # equilibrium averages ("on": a valid step was seen), then what the last-value rows are made of.
 _DYN_KEYS = ("nld", "nld_rate", "on", "ema_x", "ema_w")
-_HELD_KEYS = ("q0", "q1", "pred", "tol", "step_sq", "eff_factor", "eq_coef", "adaptive", "rmsprop", "radial",
-              "metric_charge", "metric_pred")
+_HELD_KEYS = ("q0", "q1", "pred", "tol", "step_sq", "eff_factor", "eq_coef", "adaptive", "rmsprop")
 _STATE_KEYS = _DYN_KEYS + _HELD_KEYS
+# held too where an adaptive rule gives them (rows added at its first step, NaN until a valid one)
+_ADAPTIVE_KEYS = ("radial", "metric_charge", "metric_pred")
 
 
 @dataclass
@@ -126,7 +127,8 @@ class StepRecord:
     where no law applies to the optimizer: ``nld`` (the continuous law of physics.md §2.2, streamed
     from the start), ``equilibrium`` (Q* of §2.4, scale groups), ``metric_charge`` and
     ``metric_predicted`` (Σ G θ² of adaptive rules without momentum, §2.1), ``radial_update``
-    (cos(θ_t, u_t) of adaptive updates, the KSB signature).
+    (cos(θ_t, u_t) of adaptive updates, the KSB signature). On a step marked invalid (a non-finite
+    value) only the charges and the residuals are the step's; every other field is NaN.
     """
 
     step: int
@@ -235,7 +237,10 @@ class _LastStep:
 
     step: int
     identities: bool
-    values: dict[str, Tensor]
+    ok: Tensor  # the step was valid: the held state is this step's
+    values: dict[str, Tensor]  # q0, q1 and the residuals
+    held: dict[str, Tensor]  # views of the held state (rows of its buffer)
+    info: _TheoryLayout
 
 
 @dataclass
@@ -842,8 +847,12 @@ class NoetherTracker:
         if old is not None and old.layout is lay:
             return old
         info = _TheoryLayout.build(lay, {n: _local(p) for n, p in self._params.items()}, self._partial_keys)
-        self._dyn_rows = torch.zeros(len(_STATE_KEYS), lay.n_neurons, dtype=torch.float64, device=lay.device)
-        dyn = dict(zip(_STATE_KEYS, self._dyn_rows))  # views: one masked write updates every row
+        keys = _STATE_KEYS + tuple(k for k in _ADAPTIVE_KEYS if k in self._dyn)
+        self._dyn_rows = torch.zeros(len(keys), lay.n_neurons, dtype=torch.float64, device=lay.device)
+        dyn = dict(zip(keys, self._dyn_rows))  # views: one masked write updates every row
+        for k in _ADAPTIVE_KEYS:
+            if k in dyn:
+                dyn[k].fill_(torch.nan)
         if old is not None and self._dyn:
             where = {k: (o, g.n_neurons) for k, o, g in zip(old.keys, old.layout.group_offsets, old.layout.groups)}
             for k, o, g in zip(info.keys, lay.group_offsets, lay.groups):
@@ -854,6 +863,12 @@ class NoetherTracker:
         self._dyn = dyn
         self._theory_cache = info
         return info
+
+    def _add_state_rows(self, keys: AbstractSet[str]) -> None:
+        """Rows for more held quantities (an adaptive rule's): NaN (absent) until a valid step."""
+        rows = torch.cat([self._dyn_rows, self._dyn_rows.new_full((len(keys), self._dyn_rows.shape[1]), torch.nan)])
+        self._dyn_rows = rows
+        self._dyn = dict(zip([*self._dyn, *sorted(keys)], rows))
 
     def _linear_sums(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None],
                      T: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
@@ -1246,7 +1261,6 @@ class NoetherTracker:
         dyn = self._dyn
         # this step's per-neuron state; a key left out keeps its row
         new: dict[str, Tensor] = {"q0": q0, "q1": q1, "on": torch.ones_like(q0)}
-        last: dict[str, Tensor] = {}
         if cg is None:
             obs = q1 - q0
             sym = brk = r = b = e = nan
@@ -1301,11 +1315,13 @@ class NoetherTracker:
             ema_x = torch.lerp(dyn["ema_x"], X, alpha)
             ema_w = torch.lerp(dyn["ema_w"], torch.ones_like(alpha), alpha)
             # the last-value inputs: the rates, angles and means are made of them only when read
-            last = {"pred": q0 + sym, "tol": tol, "step_sq": step_sq.clone(), "nld": Qn, "ema_x": ema_x, "ema_w": ema_w,
-                    "eff_factor": cg["eff_factor"], "eq_coef": cg["eq_coef"], "adaptive": cg["flags"][0],
-                    "rmsprop": cg["flags"][1], "radial": radial, "metric_charge": metric_charge,
-                    "metric_pred": metric_pred}
-            new.update(last, nld_rate=dQn)
+            new.update(pred=q0 + sym, tol=tol, step_sq=step_sq, nld=Qn, nld_rate=dQn, ema_x=ema_x, ema_w=ema_w,
+                       eff_factor=cg["eff_factor"], eq_coef=cg["eq_coef"], adaptive=cg["flags"][0],
+                       rmsprop=cg["flags"][1])
+            if has_UU:
+                new["radial"] = radial
+            if has_metric:
+                new.update(metric_charge=metric_charge, metric_pred=metric_pred)
         # A non-finite step (NaN/inf gradient) is marked invalid and kept out of the accumulators,
         # without a host sync: the decision is a device-side mask.
         e_abs = e.abs()
@@ -1326,17 +1342,18 @@ class NoetherTracker:
         acc.copy_(torch.where(ok, updated, acc))  # an invalid step leaves every row as it was ...
         acc[_BAD] += (~ok).to(acc.dtype)  # ... and is counted
         # ... and the held state too: the laws advance, and the last values move, on a valid step only
-        rows = self._dyn_rows
-        rows.copy_(torch.where(ok, torch.stack([new[k] if k in new else rows[i] for i, k in enumerate(_STATE_KEYS)]),
-                               rows))
+        if not new.keys() <= dyn.keys():
+            self._add_state_rows(new.keys() - dyn.keys())
+        rows, held = self._dyn_rows, self._dyn
+        rows.copy_(torch.where(ok, torch.stack([new.get(k, row) for k, row in held.items()]), rows))
         self._held_pending = True
-        self._last_step = _LastStep(self.step + 1, self.opt_model.supported and cg is not None,
-                                    dict(last, q0=q0, q1=q1, brk=brk, r=r, b=b, e=e))
+        self._last_step = _LastStep(self.step + 1, cg is not None, ok, {"q0": q0, "q1": q1, "brk": brk, "r": r,
+                                                                         "b": b, "e": e}, dict(held), info)
         self._last_record = None
 
-    def _derived(self, v: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The per-neuron rates, angle and equilibrium of one step's last-value inputs ``v``."""
-        info = self._theory()
+    @staticmethod
+    def _derived(v: Mapping[str, Tensor], info: _TheoryLayout) -> dict[str, Tensor]:
+        """The per-neuron rates, angle and equilibrium of the held state ``v``."""
         q0, q1 = v["q0"], v["q1"]
         nan = torch.full_like(q0, float("nan"))
         # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
@@ -1364,10 +1381,11 @@ class NoetherTracker:
         h = self._dyn
         q1 = h["q1"]
         if self.opt_model.supported:
-            d = self._derived(h)
+            d = self._derived(h, info)
             eff, angle, qstar, rms_acc = d["eff"], d["angle"], d["qstar"], d["rms_acc"]
             pred, tol, nld = h["pred"], h["tol"], h["nld"]
-            radial, metric_charge, metric_pred = h["radial"], h["metric_charge"], h["metric_pred"]
+            nan = torch.full_like(q1, float("nan"))
+            radial, metric_charge, metric_pred = (h.get(k, nan) for k in _ADAPTIVE_KEYS)
         else:
             eff = angle = qstar = rms_acc = pred = tol = nld = radial = metric_charge = metric_pred = (
                 torch.full_like(q1, float("nan")))
@@ -1391,24 +1409,26 @@ class NoetherTracker:
 
     @property
     def last(self) -> StepRecord | None:
-        """The last tracked step, per group neuron (made when read)."""
+        """The last tracked step, per group neuron (made when read).
+
+        Its predictions, rates, angles and laws are those of the held state, which a valid step
+        sets: NaN on a step that was marked invalid.
+        """
         src = self._last_step
         if src is None:
             return None
         if self._last_record is None:
-            v = src.values
+            v, h = src.values, src.held
+            nan = torch.full_like(v["q0"], float("nan"))
+            q = dict.fromkeys(("pred", "eff", "angle", "nld", "qstar", *_ADAPTIVE_KEYS), nan)
             if src.identities:
-                d = self._derived(v)
-                eff, angle, nld, qstar = d["eff"], d["angle"], v["nld"], d["qstar"]
-                extra = {"metric_charge": v["metric_charge"], "metric_predicted": v["metric_pred"],
-                         "radial_update": v["radial"]}
-                pred = v["pred"]
-            else:
-                nan = torch.full_like(v["q0"], float("nan"))
-                eff = angle = nld = qstar = pred = nan
-                extra = {"metric_charge": nan, "metric_predicted": nan, "radial_update": nan}
-            self._last_record = StepRecord(src.step, v["q0"], v["q1"], pred, v["brk"], v["r"], v["b"], v["e"], eff,
-                                           angle, nld=nld, equilibrium=qstar, **extra)
+                q.update(self._derived(h, src.info), pred=h["pred"], nld=h["nld"])
+                q.update({k: h[k] for k in _ADAPTIVE_KEYS if k in h})
+                q = {k: torch.where(src.ok, x, nan) for k, x in q.items()}
+            self._last_record = StepRecord(src.step, v["q0"], v["q1"], q["pred"], v["brk"], v["r"], v["b"], v["e"],
+                                           q["eff"], q["angle"], nld=q["nld"], equilibrium=q["qstar"],
+                                           metric_charge=q["metric_charge"], metric_predicted=q["metric_pred"],
+                                           radial_update=q["radial"])
         return self._last_record
 
     @property

@@ -31,6 +31,9 @@ def test_non_finite_step_is_marked_invalid_and_kept_out():
         _step(model, opt, x, y)
     before = tracker._acc.clone()
     _step(model, opt, x, y, poison=float("inf"))  # the weights become non-finite from here on
+    rec = tracker.last  # an invalid step's record: its charges and residuals, no prediction
+    assert rec.step == 4 and not torch.isfinite(rec.charge).all() and torch.isfinite(rec.charge_before).all()
+    assert rec.predicted.isnan().all() and rec.effective_lr.isnan().all() and rec.nld.isnan().all()
     _step(model, opt, x, y)
     rows = [i for i in range(before.shape[0]) if i != _BAD]
     torch.testing.assert_close(tracker._acc[rows], before[rows], rtol=0, atol=0, equal_nan=True,
