@@ -336,7 +336,7 @@ class _TheoryLayout:
     linear: Tensor  # bool: the neuron's charge is linear (translation)
     scale: Tensor  # bool: the neuron belongs to a scale group
     count: Tensor  # reductions feeding the neuron
-    numel: Tensor  # parameter entries in the neuron (C of physics.md §2.4)
+    numel_sq: Tensor  # C², C the parameter entries in the neuron (physics.md §2.4)
     linear_params: tuple[str, ...]
     owned: Tensor | None  # bool: the neuron is on this rank (None: every neuron is, no sharding)
     partial: Tensor | None  # bool: the neuron's sums are partial on this rank (None: no such neuron)
@@ -369,7 +369,7 @@ class _TheoryLayout:
             flags = torch.tensor([g.key in partial_keys for g in lay.groups], dtype=torch.bool)
             partial = host_to_device(flags.repeat_interleave(sizes), dev)
         return cls(lay, [g.key for g in lay.groups], linear, scale, lay.to_groups(ones, unsigned=True),
-                   lay.to_groups(host_to_device(per_red, dev), unsigned=True), lin_params,
+                   lay.to_groups(host_to_device(per_red, dev), unsigned=True).square(), lin_params,
                    None if lay.covers_all else host_to_device(owned, dev), partial)
 
 
@@ -745,6 +745,7 @@ class NoetherTracker:
         self._step_rows = torch.tensor(_STEP_UPDATE, device=device)
         self._last_rows = torch.tensor(_LAST_UPDATE, device=device)
         self._extreme_rows = torch.tensor(_EXTREMES, device=device)
+        self._bad_row, self._one_row = torch.tensor([_BAD], device=device), acc.new_ones(1, len(groups))
         kept = [(i, old_keys.index(g.key)) for i, g in enumerate(groups) if g.key in old_keys]
         if old_acc is not None and kept:
             new_i, old_i = (torch.tensor(v, device=device) for v in zip(*kept))
@@ -1289,7 +1290,7 @@ class NoetherTracker:
                 metric_pred = torch.where(info.linear, nan, metric[1])
             drive = torch.where(info.linear, 0.0, drive_g)  # §2.2: the continuous law's drive
             # §2.4: Q*² = coefficient · EMA of the scale-free drive, averaged over one relaxation time
-            X = torch.where(cg["eq_numel"], info.numel * info.numel, q0 * eq_drive_g)
+            X = torch.where(cg["eq_numel"], info.numel_sq, q0 * eq_drive_g)
             del quad_force, drive_g, eq_drive_g, UU, metric
             count = info.count
             # Tensors of one group with different coefficients (mixed lr/wd): only Σ s_i R_i = 0 is a
@@ -1332,15 +1333,15 @@ class NoetherTracker:
             extremes = torch.where(info.owned, extremes, 0.0)
             checked = torch.where(info.owned, checked, 0.0)
             summed = torch.where(info.owned, summed, 0.0)
-        ok = torch.isfinite(checked).all()
+        ok = (checked - checked).eq(0).all()  # x − x is 0 for every finite x, NaN for ±inf and NaN
         const, const_counts = cg["means"] if cg is not None else self._no_means()
         # the rows every step writes, in one write (_STEP_UPDATE order); the last-value rows are
         # written from the held state when the accumulators are read (_write_last)
         updated = acc.index_copy(0, self._step_rows, torch.cat([
             torch.fmax(acc.index_select(0, self._extreme_rows), lay.per_group(extremes, "amax")),
             acc[_SUM_OBS : _SUM_BRK + 1] + lay.per_group(summed), const, const_counts]))
-        acc.copy_(torch.where(ok, updated, acc))  # an invalid step leaves every row as it was ...
-        acc[_BAD] += (~ok).to(acc.dtype)  # ... and is counted
+        # an invalid step leaves every row as it was, and is counted
+        acc.copy_(torch.where(ok, updated, acc.index_add(0, self._bad_row, self._one_row)))
         # ... and the held state too: the laws advance, and the last values move, on a valid step only
         if not new.keys() <= dyn.keys():
             self._add_state_rows(new.keys() - dyn.keys())
@@ -1358,7 +1359,9 @@ class NoetherTracker:
         nan = torch.full_like(q0, float("nan"))
         # a neuron of zero charge has no direction: its rate and angle are undefined (NaN) and
         # left out of the layer means
-        norm = torch.where(v["adaptive"] > 0, q0.clamp_min(0).sqrt(), q0)  # |w|² or |w| (adaptive rules)
+        norm = q0  # |w|², or |w| under an adaptive rule (whose rows are held where one is tracked)
+        if "radial" in v:
+            norm = torch.where(v["adaptive"] > 0, q0.clamp_min(0).sqrt(), q0)
         return {
             "eff": torch.where(q0 > 0, v["eff_factor"] / norm, nan),
             "angle": torch.where((q0 > 0) & (q1 > 0), theory.angular_update(q0, q1, v["step_sq"]), nan),
@@ -1397,14 +1400,14 @@ class NoetherTracker:
             averaged = torch.where(info.owned, averaged, torch.nan)
         finite = torch.isfinite(averaged)  # means over the neurons with a value (one map with the sums)
         summed = [q1, pred, tol, nld, qstar, metric_charge, metric_pred]
-        table = torch.stack([*summed, *torch.where(finite, averaged, 0.0), *finite.to(averaged.dtype)])
+        # (and how many neurons have seen a valid step since their group was laid out)
+        table = torch.stack([*summed, *torch.where(finite, averaged, 0.0), *finite.to(averaged.dtype), h["on"]])
         if info.owned is not None:  # (the averaged rows are 0 there already)
             table = torch.where(info.owned, table, 0.0)
-        sums, totals, counts = lay.per_group(table).split([len(summed), len(averaged), len(averaged)])
+        sums, totals, counts, valid = lay.per_group(table).split([len(summed), len(averaged), len(averaged), 1])
         del table
-        valid = lay.per_group(h["on"], "amax") > 0  # groups with a valid step since they were laid out
         rows = self._last_rows
-        acc.index_copy_(0, rows, torch.where(valid, torch.cat([sums, totals / counts, counts]),
+        acc.index_copy_(0, rows, torch.where(valid > 0, torch.cat([sums, totals / counts, counts]),
                                              acc.index_select(0, rows)))
 
     @property
