@@ -587,7 +587,15 @@ class ChargeLayout:
                                          L, off, roff, rows))
                     idx.extend(pc.pair * self.n_reductions + t.start + j // t.per for j in range(pc.lo, pc.hi))
                     roff += rows
-            for pc, off, view in zip(batch, offs, views):
+            # then the other sums, one per run of products of the same slab (several pairs' products
+            # of one slab lie side by side in the scratch buffer: one sum over a leading pair dim)
+            i = 0
+            while i < len(batch):
+                pc, off = batch[i], offs[i]
+                j = i + 1
+                while (j < len(batch) and batch[j].sl is pc.sl and (batch[j].lo, batch[j].hi) == (pc.lo, pc.hi)
+                       and offs[j] == off + (j - i) * pc.numel):
+                    j += 1
                 for t in pc.sl.targets:
                     if t.mode == "rows":
                         continue
@@ -595,14 +603,29 @@ class ChargeLayout:
                     if t.mode == "all":
                         src, dims = scratch[off : off + pc.numel].view(1, pc.numel), (1,)
                     else:
-                        src, dims = view, tuple(d for d in range(view.dim()) if d != t.axis)
+                        src, dims = views[i], tuple(d for d in range(views[i].dim()) if d != t.axis)
                     # a matrix's column sums: one gemv reads it about twice as fast as sum(dim=0)
                     ones = (self._ones(src.shape[0], rdt) if dims == (0,) and src.dim() == 2 and src.dtype == rdt
                             and rdt in (torch.float32, torch.float64) else None)
-                    src = src if ones is None else src.mT
-                    sums.append(_Sum(src, res[roff : roff + n], dims, 0, off, roff, n, ones))
-                    idx.extend(pc.pair * self.n_reductions + o for o in outs)
-                    roff += n
+                    run = batch[i:j] if ones is None else [pc]  # (gemv: one product at a time)
+                    k = len(run)
+                    if ones is not None:
+                        sums.append(_Sum(src.mT, res[roff : roff + n], dims, 0, off, roff, n, ones))
+                    elif k == 1:
+                        sums.append(_Sum(src, res[roff : roff + n], dims, 0, off, roff, n))
+                    else:
+                        every = scratch[off : off + k * pc.numel].view(k, *src.shape)
+                        sums.append(_Sum(every, res[roff : roff + k * n].view(k, n), tuple(d + 1 for d in dims), 0,
+                                         off, roff, k * n))
+                    for q in run:
+                        idx.extend(q.pair * self.n_reductions + o for o in outs)
+                    roff += k * n
+                    if ones is not None:  # the run's other products: a gemv each, in order
+                        for qi in range(i + 1, j):
+                            sums.append(_Sum(views[qi].mT, res[roff : roff + n], dims, 0, offs[qi], roff, n, ones))
+                            idx.extend(batch[qi].pair * self.n_reductions + o for o in outs)
+                            roff += n
+                i = j
             direct = [(v, pc) for v, pc in zip(views, batch)
                       if not pc.upcast and (pc.numel >= _DIRECT or len(batch) == 1)]
             fused = [(v, pc) for v, pc in zip(views, batch) if all(pc is not q for _, q in direct)]

@@ -9,12 +9,13 @@ from nld_callbacks import charges
 from nld_callbacks.charges import ChargeLayout, bilinear_reference, linear_reference
 from nld_callbacks.symmetries import Member, SymmetryGroup
 
-SHAPES = {"conv.weight": (6, 3, 3, 3), "conv.bias": (6,), "fc.weight": (4, 6), "fc.bias": (4,), "gn.weight": (8, 5)}
+SHAPES = {"conv.weight": (6, 3, 3, 3), "conv.bias": (6,), "fc.weight": (4, 6), "fc.bias": (4,), "gn.weight": (8, 5),
+          "conv2.weight": (5, 6, 3, 3)}
 
 GROUPS = [
     SymmetryGroup("scale", "conv", (Member("conv.weight", 0), Member("conv.bias", 0)), 6, "output channel", "t"),
-    SymmetryGroup("rescale", "conv", (Member("conv.weight", 0), Member("conv.bias", 0), Member("fc.weight", 1, -1)),
-                  6, "hidden unit", "t"),
+    SymmetryGroup("rescale", "conv", (Member("conv.weight", 0), Member("conv.bias", 0), Member("fc.weight", 1, -1),
+                                      Member("conv2.weight", 1, -1)), 6, "hidden unit", "t"),
     SymmetryGroup("scale", "gn", (Member("gn.weight", 0, blocks=2),), 2, "norm group", "t"),
     SymmetryGroup("scale", "fc", (Member("fc.weight", None), Member("fc.bias", None)), 1, "layer", "t"),
     SymmetryGroup("translation", "fc", (Member("fc.weight", 1), Member("fc.bias", None, offset=6)), 7,
@@ -127,11 +128,12 @@ def test_params_to_groups_sums_each_neurons_parameters():
     torch.testing.assert_close(got, per_reduction, rtol=1e-15, atol=1e-15)
     assert torch.equal(lay.params_to_groups(vals, rows_at_once=1), got)
     # by hand: a `scale/conv` neuron has one conv.weight row and one conv.bias entry; the rescale
-    # neuron adds an fc.weight column; the translation neuron 6 is fc.bias alone
-    w, b, fc = (vals[:, lay.params.index(n)] for n in ("conv.weight", "conv.bias", "fc.weight"))
+    # neuron adds an fc.weight column and a conv2.weight input channel; the translation neuron 6 is
+    # fc.bias alone
+    w, b, fc, w2 = (vals[:, lay.params.index(n)] for n in ("conv.weight", "conv.bias", "fc.weight", "conv2.weight"))
     scale, rescale, *_, translation = lay.split(got)
     torch.testing.assert_close(scale, (w + b)[:, None].expand(3, 6))
-    torch.testing.assert_close(rescale, (w + b + fc)[:, None].expand(3, 6))
+    torch.testing.assert_close(rescale, (w + b + fc + w2)[:, None].expand(3, 6))
     torch.testing.assert_close(translation[:, 6], vals[:, lay.params.index("fc.bias")])
 
 
