@@ -372,8 +372,7 @@ class ChargeLayout:
         in-place change through the tensor or a view bumps it; entries are the parameter-shaped
         tensors themselves or their detached aliases, never reshaped views), and the tensors are
         referenced until :meth:`forget`, so an address cannot be reused meanwhile. Writes through
-        ``.data`` bypass the version counter: keep a prefetch to one step (the tracker forgets at
-        the end of every optimizer-step hook).
+        ``.data`` bypass the version counter: keep a prefetch to one step.
 
         Returns:
             The ``(len(pairs), n_reductions)`` matrix (rows in the order of ``pairs``).

@@ -663,6 +663,7 @@ class NoetherTracker:
         # θ_{t+1}-quantities of the last tracked step (Q, P, T, S) and the storages/versions they
         # were read from: the next pre-hook reuses them while nothing touched those tensors
         self._carry: _Carry | None = None
+        self._rows: dict[str, Tensor] = {}  # the products one hook read in its fused batch (_read)
         self._theory_cache: _TheoryLayout | None = None
         self._dyn: dict[str, Tensor] = {}
         #: where the dashboard goes (layout, text panel, histograms): the writer itself when it is a
@@ -879,9 +880,9 @@ class NoetherTracker:
             return None
         assert self.layout is not None
         if T is None:
-            T = self.layout.reduce({n: theta[n] for n in info.linear_params})
+            T = self._product("T", {n: theta[n] for n in info.linear_params})
         lin_bufs = {n: bufs.get(n) for n in info.linear_params}
-        S = self.layout.reduce(lin_bufs) if any(b is not None for b in lin_bufs.values()) else None
+        S = self._product("S", lin_bufs) if any(b is not None for b in lin_bufs.values()) else None
         return T, S
 
     # ------------------------------------------------------------------ hooks
@@ -914,37 +915,57 @@ class NoetherTracker:
 
     def _fused_pairs(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None],
                      grads: Mapping[str, Tensor | None] | None, optimizer: torch.optim.Optimizer, *,
-                     carry: bool = False) -> list[tuple[Any, Any]]:
+                     carry: bool = False) -> dict[str, tuple[Any, Any]]:
         """The products and linear sums the coming hook will ask for (``grads`` None: the pre-hook's).
 
-        With ``carry`` also B(θ, v) and the linear sums of v, for the next step. They are evaluated
-        in one fused batch (:meth:`ChargeLayout.prefetch`); a product missing here is still computed
-        when asked for.
+        Named as :meth:`_product` asks for them: ``θθ`` = B(θ, θ), ``θg``, ``θv``, ``vg``, ``vv``,
+        ``gg``, and the linear charges' sums ``T`` (of θ), ``Sg`` (of g), ``S`` (of v). With
+        ``carry`` also B(θ, v) and S, for the next step. They are evaluated in one fused batch
+        (:meth:`ChargeLayout.reduce_many`); a product missing here is still computed when asked for.
         """
-        pairs: list[tuple[Any, Any]] = [(theta, theta)]
+        pairs: dict[str, tuple[Any, Any]] = {"θθ": (theta, theta)}
         supported = self.opt_model.supported
         momentum = supported and any(b is not None for b in bufs.values())
         pre = grads is None
         if supported and pre and momentum:
-            pairs.append((theta, bufs))
+            pairs["θv"] = (theta, bufs)
         elif supported and grads is not None:
-            pairs.append((theta, grads))
+            pairs["θg"] = (theta, grads)
             nesterov = any(g.get("nesterov", False) for g in optimizer.param_groups)
             if momentum:
-                pairs += [(bufs, grads), (bufs, bufs)] + ([(theta, bufs)] if nesterov or carry else [])
+                pairs.update(vg=(bufs, grads), vv=(bufs, bufs))
+                if nesterov or carry:
+                    pairs["θv"] = (theta, bufs)
             if nesterov or not momentum:
-                pairs.append((grads, grads))
+                pairs["gg"] = (grads, grads)
         info = self._theory()
         if info.has_linear:  # the linear charges' sums T, ⟨c, g⟩ and S join the batch
             def lin(d: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]:
                 return {n: d.get(n) for n in info.linear_params}
 
-            pairs.append((lin(theta), None))
+            pairs["T"] = (lin(theta), None)
             if supported and grads is not None:
-                pairs.append((lin(grads), None))
+                pairs["Sg"] = (lin(grads), None)
             if momentum and (pre or carry):
-                pairs.append((lin(bufs), None))
+                pairs["S"] = (lin(bufs), None)
         return pairs
+
+    def _read(self, pairs: Mapping[str, tuple[Any, Any]]) -> None:
+        """Evaluate the hook's products in one fused batch; :meth:`_product` serves them until the hook ends."""
+        assert self.layout is not None
+        self._rows = dict(zip(pairs, self.layout.reduce_many(list(pairs.values()))))
+
+    def _product(self, name: str, X: Mapping[str, Tensor | None],
+                 Y: Mapping[str, Tensor | None] | None = None) -> Tensor:
+        """The hook's row ``name`` (see :meth:`_fused_pairs`): read with the others, else now from ``X`` and ``Y``.
+
+        Inside one hook nothing changes the tensors between the fused read and this call.
+        """
+        row = self._rows.get(name)
+        if row is not None:
+            return row
+        assert self.layout is not None
+        return self.layout.reduce(X, Y)
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._may_nest and _nested_step(optimizer):
@@ -966,11 +987,11 @@ class NoetherTracker:
             self._pre = (carry.Q, carry.P, {n: b is None for n, b in bufs.items()})
             self._pre_linear = carry.linear
             return
-        self.layout.prefetch(self._fused_pairs(theta, bufs, None, optimizer))
+        self._read(self._fused_pairs(theta, bufs, None, optimizer))
         try:
             self._pre_step(theta, bufs)
         finally:
-            self.layout.forget()
+            self._rows = {}
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._may_nest and _nested_step(optimizer):
@@ -1007,17 +1028,16 @@ class NoetherTracker:
         self._last_step = self._last_record = None
         # the next step is tracked: keep this one's θ-sums
         carry = self.auto.k == 1 if self.auto is not None else self._sampled(self.step + 2)
-        self.layout.prefetch(self._fused_pairs(theta, bufs, grads, optimizer, carry=carry))
+        self._read(self._fused_pairs(theta, bufs, grads, optimizer, carry=carry))
         try:
             self._post_step(optimizer, theta, bufs, grads, carry=carry)
         finally:
-            if self.layout is not None:
-                self.layout.forget()
+            self._rows = {}
 
     def _pre_step(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None]) -> None:
         assert self.layout is not None
-        Q0 = self.layout.reduce(theta, theta)
-        P0 = self.layout.reduce(theta, bufs) if any(b is not None for b in bufs.values()) else None
+        Q0 = self._product("θθ", theta, theta)
+        P0 = self._product("θv", theta, bufs) if any(b is not None for b in bufs.values()) else None
         first = {n: b is None for n, b in bufs.items()} if self.opt_model.supported else {}
         self._pre = (Q0, P0, first)
         self._pre_linear = self._linear_sums(theta, bufs)
@@ -1032,8 +1052,7 @@ class NoetherTracker:
             return
         Q0, P0, first = self._pre
         self._pre = None
-        lay = self.layout
-        Q1 = lay.reduce(theta, theta)
+        Q1 = self._product("θθ", theta, theta)
         if self.opt_model.supported:
             terms = self._terms(optimizer, Q0, Q1, P0, first, theta, grads, bufs)
         else:
@@ -1044,7 +1063,7 @@ class NoetherTracker:
         if carry:
             self._carry = self._carried(theta, bufs, Q1, T1)
         del Q1, T1  # what the step's products give is on the neurons or carried: they go too
-        lay.forget()
+        self._rows = {}
         self._accumulate(mapped)
         self.step += 1
         if self.schedule(self.step):
@@ -1054,7 +1073,7 @@ class NoetherTracker:
                  T1: Tensor | None) -> _Carry:
         """What the next pre-step would read of θ_{t+1} and v_{t+1}: B(θ, θ), B(θ, v), the linear sums."""
         assert self.layout is not None
-        P1 = self.layout.reduce(theta, bufs) if any(b is not None for b in bufs.values()) else None
+        P1 = self._product("θv", theta, bufs) if any(b is not None for b in bufs.values()) else None
         linear = self._linear_sums(theta, bufs, T1)
         # one copy of the carried rows: a view would keep every product of the step alive
         rows = [Q1, P1, *(linear if linear is not None else (None, None))]
@@ -1100,11 +1119,11 @@ class NoetherTracker:
             P = P0 if P0 is not None else zeros
             if families - {"adam"}:
                 # the sign of `maximize` enters every product with g (per tensor)
-                X = signed(lay.reduce(theta, grads))
+                X = signed(self._product("θg", theta, grads))
                 if families & {"sgd", "nesterov"}:
-                    G = lay.reduce(grads, grads)
+                    G = self._product("gg", grads, grads)
                 if bufs:
-                    Y, K = signed(lay.reduce(bufs, grads)), lay.reduce(bufs, bufs)
+                    Y, K = signed(self._product("vg", bufs, grads)), self._product("vv", bufs, bufs)
                 kw = dict(Q0=Q0, Q1=Q1, lr=lr, wd=coef["wd"])
                 if "sgd" in families:
                     quad["sgd"] = theory.sgd_step(X=X, G=G, **kw)
@@ -1112,7 +1131,7 @@ class NoetherTracker:
                     quad["heavy_ball"] = theory.heavy_ball_step(P0=P, X=X, Y=Y, K=K, momentum=coef["momentum"],
                                                                 c=coef["c"], **kw)
                 if "nesterov" in families:
-                    Z = lay.reduce(theta, bufs)
+                    Z = self._product("θv", theta, bufs)
                     quad["nesterov"] = theory.nesterov_step(P0=P, X=X, G=G, Y=Y, K=K, Z=Z, momentum=coef["momentum"],
                                                             c=coef["c"], **kw)
                 if "sgdw" in families:
@@ -1145,11 +1164,11 @@ class NoetherTracker:
         T1 = A1 = None
         if info.has_linear:
             lt = {n: theta[n] for n in info.linear_params}
-            T1 = lay.reduce(lt)
+            T1 = self._product("T", lt)
             A1 = lay.reduce({n: t.abs() for n, t in lt.items()})
             T0, S0 = self._pre_linear if self._pre_linear is not None else (T1, None)
             S = S0 if S0 is not None else zeros
-            Sg = signed(lay.reduce({n: grads[n] for n in info.linear_params}))
+            Sg = signed(self._product("Sg", {n: grads[n] for n in info.linear_params}))
             steps = {n: _update_direction(hyp[n], theta[n], grads[n], bufs.get(n),
                                           None if adaptive is None else adaptive.update.get(n))
                      for n in info.linear_params}
@@ -1218,7 +1237,8 @@ class NoetherTracker:
             if terms is not None and terms.T1 is not None:
                 T1 = terms.T1
             else:
-                T1 = lay.reduce({n: _local(p).detach() for n, p in self._params.items() if n in info.linear_params})
+                T1 = self._product("T", {n: _local(p).detach() for n, p in self._params.items()
+                                          if n in info.linear_params})
             signed += [lin_pre[0] if lin_pre is not None else T1, T1]
         parts: list[tuple[theory.StepTerms, Tensor]] = []
         if terms is not None:
