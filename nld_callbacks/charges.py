@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -207,12 +207,40 @@ class _Sum:
     ones: torch.Tensor | None = None  # column sums of a matrix: src is its transpose, times ones (gemv)
 
 
+# where a piece's factor is: pair, parameter, and its dim-0 slice (None: the whole tensor)
+_Source = tuple[int, int, slice | None]
+
+
+def _source(pc: _Piece) -> _Source:
+    return pc.pair, pc.param, None if pc.whole else slice(pc.lo, pc.hi)
+
+
+def _take(tensors: list[list[torch.Tensor | None]], src: _Source) -> torch.Tensor:
+    t = tensors[src[0]][src[1]]
+    assert t is not None
+    return t if src[2] is None else t[src[2]]
+
+
 @dataclass(frozen=True)
 class _Batch:
     fused: list[_Piece]  # evaluated with _foreach_copy_ / _foreach_mul_
     views: list[torch.Tensor]  # their scratch views
     direct: list[tuple[torch.Tensor, _Piece]]  # evaluated one by one (large chunks)
     sums: list[_Sum]
+    # the same, read off once: the fused pieces' first factors, the products' views and second
+    # factors, and per direct piece its view, factors and whether it is linear (a copy)
+    fused_x: list[_Source] = field(default_factory=list)
+    prod_views: list[torch.Tensor] = field(default_factory=list)
+    prod_y: list[_Source] = field(default_factory=list)
+    direct_src: list[tuple[torch.Tensor, _Source, bool]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, fused: list[tuple[torch.Tensor, _Piece]], direct: list[tuple[torch.Tensor, _Piece]],
+           sums: list[_Sum]) -> _Batch:
+        prod = [(v, pc) for v, pc in fused if not pc.linear]
+        return cls([pc for _, pc in fused], [v for v, _ in fused], direct, sums, [_source(pc) for _, pc in fused],
+                   [v for v, _ in prod], [_source(pc) for _, pc in prod],
+                   [(v, _source(pc), pc.linear) for v, pc in direct])
 
 
 @dataclass(frozen=True)
@@ -628,7 +656,7 @@ class ChargeLayout:
             direct = [(v, pc) for v, pc in zip(views, batch)
                       if not pc.upcast and (pc.numel >= _DIRECT or len(batch) == 1)]
             fused = [(v, pc) for v, pc in zip(views, batch) if all(pc is not q for _, q in direct)]
-            plans.append(_Batch([pc for _, pc in fused], [v for v, _ in fused], direct, sums))
+            plans.append(_Batch.of(fused, direct, sums))
         dup = len(set(idx)) != len(idx)
         small = dup and max(idx, default=0) < 2**31
         # index_add_ takes int32 indices (half the memory); index_copy_ (no duplicates) wants int64
@@ -654,24 +682,18 @@ class ChargeLayout:
     @staticmethod
     def _run(dp: _DtypePlan, xs: list[list[torch.Tensor | None]], ys: list[list[torch.Tensor | None]],
              flat: torch.Tensor) -> None:
-        def piece(t: torch.Tensor, pc: _Piece) -> torch.Tensor:
-            return t if pc.whole else t[pc.lo : pc.hi]
-
         for b in dp.batches:
             # large slabs: the product straight into the scratch buffer (one read of each factor)
-            for v, pc in b.direct:
-                x = piece(xs[pc.pair][pc.param], pc)  # type: ignore[arg-type]
-                if pc.linear:
-                    v.copy_(x)
+            for v, src, linear in b.direct_src:
+                if linear:
+                    v.copy_(_take(xs, src))
                 else:
-                    torch.mul(x, piece(ys[pc.pair][pc.param], pc), out=v)  # type: ignore[arg-type]
+                    torch.mul(_take(xs, src), _take(ys, src), out=v)
             # small ones: one fused copy and one fused product for the whole batch
             if b.fused:
-                torch._foreach_copy_(b.views, [piece(xs[pc.pair][pc.param], pc) for pc in b.fused])  # type: ignore[arg-type]
-                prod = [(v, pc) for v, pc in zip(b.views, b.fused) if not pc.linear]
-                if prod:
-                    torch._foreach_mul_([v for v, _ in prod],
-                                        [piece(ys[pc.pair][pc.param], pc) for _, pc in prod])  # type: ignore[arg-type]
+                torch._foreach_copy_(b.views, [_take(xs, src) for src in b.fused_x])
+                if b.prod_views:
+                    torch._foreach_mul_(b.prod_views, [_take(ys, src) for src in b.prod_y])
             for sm in b.sums:
                 if sm.ones is not None:
                     torch.mv(sm.src, sm.ones, out=sm.out)  # src: the slab transposed
