@@ -656,6 +656,7 @@ class NoetherTracker:
         self._pre: tuple[Tensor, Tensor | None, dict[str, bool]] | None = None
         self._acc_rows: Tensor | None = None  # the accumulators, per group (read them through _acc)
         self._held_pending = False  # the held state has a step the last-value rows do not show yet
+        self._held_cache: dict[str, Tensor] | None = None  # _derived of the held state
         self._started = False
         self._bad_warned = False
         self._coef_cache: tuple[Any, dict[str, Tensor]] | None = None
@@ -864,6 +865,7 @@ class NoetherTracker:
                         v[o : o + g.n_neurons] = self._dyn[name][oo : oo + g.n_neurons].to(lay.device)
         self._dyn = dyn
         self._theory_cache = info
+        self._held_cache = None
         return info
 
     def _add_state_rows(self, keys: AbstractSet[str]) -> None:
@@ -871,6 +873,7 @@ class NoetherTracker:
         rows = torch.cat([self._dyn_rows, self._dyn_rows.new_full((len(keys), self._dyn_rows.shape[1]), torch.nan)])
         self._dyn_rows = rows
         self._dyn = dict(zip([*self._dyn, *sorted(keys)], rows))
+        self._held_cache = None
 
     def _linear_sums(self, theta: Mapping[str, Tensor], bufs: Mapping[str, Tensor | None],
                      T: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
@@ -1368,6 +1371,7 @@ class NoetherTracker:
         rows, held = self._dyn_rows, self._dyn
         rows.copy_(torch.where(ok, torch.stack([new.get(k, row) for k, row in held.items()]), rows))
         self._held_pending = True
+        self._held_cache = None
         self._last_step = _LastStep(self.step + 1, cg is not None, ok, {"q0": q0, "q1": q1, "brk": brk, "r": r,
                                                                          "b": b, "e": e}, dict(held), info)
         self._last_record = None
@@ -1389,6 +1393,12 @@ class NoetherTracker:
             "rms_acc": torch.where(v["rmsprop"] > 0, q1 * q1, nan),  # §2.3: |w|⁴ = Q²
         }
 
+    def _held_derived(self) -> dict[str, Tensor]:
+        """:meth:`_derived` of the held state (kept until the next tracked step writes it)."""
+        if self._held_cache is None:
+            self._held_cache = self._derived(self._dyn, self._theory())
+        return self._held_cache
+
     def _write_last(self) -> None:
         """Write the last-value rows of the last valid tracked step into the accumulators.
 
@@ -1404,7 +1414,7 @@ class NoetherTracker:
         h = self._dyn
         q1 = h["q1"]
         if self.opt_model.supported:
-            d = self._derived(h, info)
+            d = self._held_derived()
             eff, angle, qstar, rms_acc = d["eff"], d["angle"], d["qstar"], d["rms_acc"]
             pred, tol, nld = h["pred"], h["tol"], h["nld"]
             nan = torch.full_like(q1, float("nan"))
@@ -1573,16 +1583,18 @@ class NoetherTracker:
         return out
 
     def _histograms_on_device(self) -> Tensor | None:
-        """The last step's per-neuron charges and effective learning rates, binned on the device.
+        """The last valid step's per-neuron charges and effective learning rates, binned on the device.
 
         Shape ``(2, G, 5 + bins)`` (see :func:`~nld_callbacks.tensorboard.bin_on_device`).
         """
-        lay, last = self.layout, self.last
-        if lay is None or last is None or last.charge.numel() != lay.n_neurons or self._sharded:
-            return None  # row shards: each rank holds some neurons; no per-neuron histogram
+        lay, src = self.layout, self._last_step
+        if lay is None or src is None or src.info is not self._theory() or self._sharded:
+            return None  # no step on this layout yet; row shards: each rank holds some neurons
         n = len(lay.groups)
+        charge = self._dyn["q1"]
+        eff = self._held_derived()["eff"] if self.opt_model.supported else torch.full_like(charge, torch.nan)
         # both vectors in one binning: the rates' groups numbered after the charges'
-        both = bin_on_device(torch.cat([last.charge, last.effective_lr]),
+        both = bin_on_device(torch.cat([charge, eff]),
                              torch.cat([lay.group_index, lay.group_index + n]), 2 * n, self.histogram_bins)
         return both.view(2, n, -1)
 
@@ -1656,6 +1668,7 @@ class NoetherTracker:
             for k, v in state["dynamics"].items():
                 if k in self._dyn and self._dyn[k].shape == v.shape:
                     self._dyn[k].copy_(v)
+            self._held_cache = None
 
 
 def format_summary(rows: Sequence[Mapping[str, Any]]) -> str:
