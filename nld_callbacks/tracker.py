@@ -340,6 +340,8 @@ class _TheoryLayout:
     linear_params: tuple[str, ...]
     owned: Tensor | None  # bool: the neuron is on this rank (None: every neuron is, no sharding)
     partial: Tensor | None  # bool: the neuron's sums are partial on this rank (None: no such neuron)
+    ones: Tensor  # 1 and NaN on every neuron (read-only: one value, expanded)
+    nan: Tensor
 
     @property
     def has_linear(self) -> bool:
@@ -368,9 +370,10 @@ class _TheoryLayout:
         if any(g.key in partial_keys for g in lay.groups):
             flags = torch.tensor([g.key in partial_keys for g in lay.groups], dtype=torch.bool)
             partial = host_to_device(flags.repeat_interleave(sizes), dev)
+        one, nan = (torch.full((), v, dtype=torch.float64, device=dev).expand(lay.n_neurons) for v in (1.0, math.nan))
         return cls(lay, [g.key for g in lay.groups], linear, scale, lay.to_groups(ones, unsigned=True),
                    lay.to_groups(host_to_device(per_red, dev), unsigned=True).square(), lin_params,
-                   None if lay.covers_all else host_to_device(owned, dev), partial)
+                   None if lay.covers_all else host_to_device(owned, dev), partial, one, nan)
 
 
 def _is_sharded(p: Tensor) -> bool:
@@ -1243,10 +1246,10 @@ class NoetherTracker:
                 T1 = self._product("T", {n: _local(p).detach() for n, p in self._params.items()
                                           if n in info.linear_params})
             signed += [lin_pre[0] if lin_pre is not None else T1, T1]
-        parts: list[tuple[theory.StepTerms, Tensor]] = []
+        parts: list[theory.StepTerms] = []
         if terms is not None:
-            parts = [(t, m) for t, m in ((terms.quad, ~info.linear), (terms.linear, info.linear)) if t is not None]
-            for t, _ in parts:
+            parts = [t for t in (terms.quad, terms.linear) if t is not None]
+            for t in parts:
                 signed += [t.observed, t.symmetric, t.breaking, t.force]
                 unsigned += [t.coeff, t.terms, t.step_sq]
             signed += [terms.drive, terms.eq_drive]
@@ -1278,16 +1281,16 @@ class NoetherTracker:
             del t0, t1
         else:  # copies: the record of the step keeps them, not every mapped row
             q0, q1 = torch.stack([q0, q1]).unbind()
-        nan = torch.full_like(q0, float("nan"))
+        nan = info.nan
         if not self._started:
             acc[_START] = lay.per_group(q0)
             self._started = True
         dyn = self._dyn
         # this step's per-neuron state; a key left out keeps its row
-        new: dict[str, Tensor] = {"q0": q0, "q1": q1, "on": torch.ones_like(q0)}
+        new: dict[str, Tensor] = {"q0": q0, "q1": q1, "on": info.ones}
         if cg is None:
             obs = q1 - q0
-            sym = brk = r = b = e = nan
+            sym = brk = r = b = e = torch.full_like(q0, float("nan"))  # (the step record's own)
         else:
             # quadratic and linear charges sit on disjoint neurons: each neuron takes its kind's terms
             split = [(next(S), next(S), next(S), next(S), next(U), next(U), next(U)) for _ in range(parts)]
@@ -1337,7 +1340,7 @@ class NoetherTracker:
             # §2.4: the EMA of X over one relaxation time, per sampled step the weight of its span
             alpha = cg["alpha"] if self._span == 1 else 1.0 - (1.0 - cg["alpha"]) ** self._span
             ema_x = torch.lerp(dyn["ema_x"], X, alpha)
-            ema_w = torch.lerp(dyn["ema_w"], torch.ones_like(alpha), alpha)
+            ema_w = torch.lerp(dyn["ema_w"], info.ones, alpha)
             # the last-value inputs: the rates, angles and means are made of them only when read
             new.update(pred=q0 + sym, tol=tol, step_sq=step_sq, nld=Qn, nld_rate=dQn, ema_x=ema_x, ema_w=ema_w,
                        eff_factor=cg["eff_factor"], eq_coef=cg["eq_coef"], adaptive=cg["flags"][0],
@@ -1348,8 +1351,7 @@ class NoetherTracker:
                 new.update(metric_charge=metric_charge, metric_pred=metric_pred)
         # A non-finite step (NaN/inf gradient) is marked invalid and kept out of the accumulators,
         # without a host sync: the decision is a device-side mask.
-        e_abs = e.abs()
-        extremes = torch.stack([e_abs, b.abs(), e_abs])
+        extremes = torch.stack([e, b, e]).abs()
         checked = torch.stack([obs, e]) if cg is not None else obs
         summed = torch.stack([obs, sym, brk])
         if info.owned is not None:  # another rank's neurons: neutral in every per-group statistic
