@@ -1031,7 +1031,7 @@ class NoetherTracker:
         theta, bufs = self._state(optimizer)
         grads = self._grads()
         # the last record goes before this step's products: it is this step's from here on
-        self._last_step = self._last_record = None
+        self._last_step = self._last_record = self._held_cache = None
         # the next step is tracked: keep this one's θ-sums
         carry = self.auto.k == 1 if self.auto is not None else self._sampled(self.step + 2)
         self._read(self._fused_pairs(theta, bufs, grads, optimizer, carry=carry))
@@ -1396,7 +1396,7 @@ class NoetherTracker:
         }
 
     def _held_derived(self) -> dict[str, Tensor]:
-        """:meth:`_derived` of the held state (kept until the next tracked step writes it)."""
+        """:meth:`_derived` of the held state (kept to the end of a logging step at most)."""
         if self._held_cache is None:
             self._held_cache = self._derived(self._dyn, self._theory())
         return self._held_cache
@@ -1548,6 +1548,7 @@ class NoetherTracker:
             self._bad_warned = True
         self._acc[_WIN_E].zero_()
         self._acc[_WIN_B].zero_()
+        self._held_cache = None  # (its rows: not kept between steps)
         self.logged.append(m)
         if self.writer is not None:
             if hasattr(self.writer, "add_scalar"):
