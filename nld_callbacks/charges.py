@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -223,24 +223,26 @@ def _take(tensors: list[list[torch.Tensor | None]], src: _Source) -> torch.Tenso
 
 @dataclass(frozen=True)
 class _Batch:
-    fused: list[_Piece]  # evaluated with _foreach_copy_ / _foreach_mul_
-    views: list[torch.Tensor]  # their scratch views
-    direct: list[tuple[torch.Tensor, _Piece]]  # evaluated one by one (large chunks)
+    """One fill of the scratch buffer: its products, then its sums.
+
+    The small pieces are copied in with one fused copy (``views`` ← ``fused_x``), and those that
+    are products multiplied with one fused product (``prod_views`` *= ``prod_y``); each large
+    piece is one op straight into its view (``direct``: view, factors, linear i.e. a copy).
+    """
+
+    views: list[torch.Tensor]
+    fused_x: list[_Source]
+    prod_views: list[torch.Tensor]
+    prod_y: list[_Source]
+    direct: list[tuple[torch.Tensor, _Source, bool]]
     sums: list[_Sum]
-    # the same, read off once: the fused pieces' first factors, the products' views and second
-    # factors, and per direct piece its view, factors and whether it is linear (a copy)
-    fused_x: list[_Source] = field(default_factory=list)
-    prod_views: list[torch.Tensor] = field(default_factory=list)
-    prod_y: list[_Source] = field(default_factory=list)
-    direct_src: list[tuple[torch.Tensor, _Source, bool]] = field(default_factory=list)
 
     @classmethod
     def of(cls, fused: list[tuple[torch.Tensor, _Piece]], direct: list[tuple[torch.Tensor, _Piece]],
            sums: list[_Sum]) -> _Batch:
         prod = [(v, pc) for v, pc in fused if not pc.linear]
-        return cls([pc for _, pc in fused], [v for v, _ in fused], direct, sums, [_source(pc) for _, pc in fused],
-                   [v for v, _ in prod], [_source(pc) for _, pc in prod],
-                   [(v, _source(pc), pc.linear) for v, pc in direct])
+        return cls([v for v, _ in fused], [_source(pc) for _, pc in fused], [v for v, _ in prod],
+                   [_source(pc) for _, pc in prod], [(v, _source(pc), pc.linear) for v, pc in direct], sums)
 
 
 @dataclass(frozen=True)
@@ -684,13 +686,13 @@ class ChargeLayout:
              flat: torch.Tensor) -> None:
         for b in dp.batches:
             # large slabs: the product straight into the scratch buffer (one read of each factor)
-            for v, src, linear in b.direct_src:
+            for v, src, linear in b.direct:
                 if linear:
                     v.copy_(_take(xs, src))
                 else:
                     torch.mul(_take(xs, src), _take(ys, src), out=v)
             # small ones: one fused copy and one fused product for the whole batch
-            if b.fused:
+            if b.views:
                 torch._foreach_copy_(b.views, [_take(xs, src) for src in b.fused_x])
                 if b.prod_views:
                     torch._foreach_mul_(b.prod_views, [_take(ys, src) for src in b.prod_y])
