@@ -1366,12 +1366,12 @@ class NoetherTracker:
             torch.fmax(acc.index_select(0, self._extreme_rows), lay.per_group(extremes, "amax")),
             acc[_SUM_OBS : _SUM_BRK + 1] + lay.per_group(summed), const, const_counts]))
         # an invalid step leaves every row as it was, and is counted
-        acc.copy_(torch.where(ok, updated, acc.index_add(0, self._bad_row, self._one_row)))
+        torch.where(ok, updated, acc.index_add(0, self._bad_row, self._one_row), out=acc)
         # ... and the held state too: the laws advance, and the last values move, on a valid step only
         if not new.keys() <= dyn.keys():
             self._add_state_rows(new.keys() - dyn.keys())
         rows, held = self._dyn_rows, self._dyn
-        rows.copy_(torch.where(ok, torch.stack([new.get(k, row) for k, row in held.items()]), rows))
+        torch.where(ok, torch.stack([new.get(k, row) for k, row in held.items()]), rows, out=rows)
         self._held_pending = True
         self._held_cache = None
         self._last_step = _LastStep(self.step + 1, cg is not None, ok, {"q0": q0, "q1": q1, "brk": brk, "r": r,
