@@ -633,27 +633,24 @@ class ChargeLayout:
                         src, dims = scratch[off : off + pc.numel].view(1, pc.numel), (1,)
                     else:
                         src, dims = views[i], tuple(d for d in range(views[i].dim()) if d != t.axis)
-                    # a matrix's column sums: one gemv reads it about twice as fast as sum(dim=0)
-                    ones = (self._ones(src.shape[0], rdt) if dims == (0,) and src.dim() == 2 and src.dtype == rdt
-                            and rdt in (torch.float32, torch.float64) else None)
-                    run = batch[i:j] if ones is None else [pc]  # (gemv: one product at a time)
-                    k = len(run)
-                    if ones is not None:
-                        sums.append(_Sum(src.mT, res[roff : roff + n], dims, 0, off, roff, n, ones))
-                    elif k == 1:
+                    if dims == (0,) and src.dim() == 2 and src.dtype == rdt and rdt in (torch.float32, torch.float64):
+                        # a matrix's column sums: one gemv each reads it about twice as fast as sum(dim=0)
+                        ones = self._ones(src.shape[0], rdt)
+                        for q in range(i, j):
+                            sums.append(_Sum(views[q].mT, res[roff : roff + n], dims, 0, offs[q], roff, n, ones))
+                            idx.extend(batch[q].pair * self.n_reductions + o for o in outs)
+                            roff += n
+                        continue
+                    k = j - i
+                    if k == 1:
                         sums.append(_Sum(src, res[roff : roff + n], dims, 0, off, roff, n))
                     else:
                         every = scratch[off : off + k * pc.numel].view(k, *src.shape)
                         sums.append(_Sum(every, res[roff : roff + k * n].view(k, n), tuple(d + 1 for d in dims), 0,
                                          off, roff, k * n))
-                    for q in run:
-                        idx.extend(q.pair * self.n_reductions + o for o in outs)
+                    for q in range(i, j):
+                        idx.extend(batch[q].pair * self.n_reductions + o for o in outs)
                     roff += k * n
-                    if ones is not None:  # the run's other products: a gemv each, in order
-                        for qi in range(i + 1, j):
-                            sums.append(_Sum(views[qi].mT, res[roff : roff + n], dims, 0, offs[qi], roff, n, ones))
-                            idx.extend(batch[qi].pair * self.n_reductions + o for o in outs)
-                            roff += n
                 i = j
             direct = [(v, pc) for v, pc in zip(views, batch)
                       if not pc.upcast and (pc.numel >= _DIRECT or len(batch) == 1)]
