@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import kernel
 from .symmetries import SymmetryReport, find_symmetries
 from .testing import cuda_sync_errors
 from .tracker import NoetherTracker
@@ -456,9 +457,11 @@ def count_ops(fn: Callable[[], Any]) -> Counter[str]:
 
 
 def _hook_ops(work: Workload, report: SymmetryReport, device: torch.device, *, warmup: int = 3) -> tuple[int, int]:
-    """Aten ops the tracker's hooks add to one non-logging ``optimizer.step()``, and fused batches.
+    """Aten ops the tracker's hooks add to one non-logging ``optimizer.step()``, and its sum passes.
 
-    The fused batches are the scratch-buffer fills the charge reductions of that step ran in.
+    The sum passes are what the charge reductions of that step ran in: the compiled kernel's jobs
+    (one pass over one reduction of one tensor for all of its products), or with torch ops the
+    scratch-buffer fills.
     """
     batches = 0
 
@@ -480,7 +483,8 @@ def _hook_ops(work: Workload, report: SymmetryReport, device: torch.device, *, w
             tracker.detach()
             lay = tracker.layout
             if lay is not None:
-                batches = sum(len(dp.batches) for plan in lay._plans.values() for dp in plan.dtypes)
+                batches = (sum(len(dp.batches) for plan in lay._plans.values() for dp in plan.dtypes)
+                           + sum(kp.n_jobs for kp in lay._kplans.values() if kp is not None))
         return n
 
     ops = step_ops(True) - step_ops(False)
@@ -816,7 +820,7 @@ def _overhead_table(rows: Sequence[Row]) -> str:
 
 def _depth_table(rows: Sequence[DepthRow]) -> str:
     head = ("layers", "monitored params", "tensors", "plain ms/step", "nld added ms (cpu)", "floor added ms (cpu)",
-            "nld own ms", "floor own ms", "nld own us per M params", "hook ops/step", "fused batches")
+            "nld own ms", "floor own ms", "nld own us per M params", "hook ops/step", "sum passes")
     body = []
     for r in rows:
         per = 1e3 * r.own_ms.median / (r.params / 1e6)
@@ -907,8 +911,8 @@ def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int 
               growth(a.added_ms.median, b.added_ms.median), growth(a.added_cpu_ms.median, b.added_cpu_ms.median),
               growth(a.own_ms.median, b.own_ms.median), 1.0)
         out.append(f"info   -       depth {a.depth}->{b.depth}: hook ops/step {a.ops} -> {b.ops} "
-                   f"({b.ops / max(a.ops, 1):.2f}x), fused batches {a.batches} -> {b.batches}, "
-                   f"ops per fused batch {a.ops / max(a.batches, 1):.1f} -> {b.ops / max(b.batches, 1):.1f}")
+                   f"({b.ops / max(a.ops, 1):.2f}x), sum passes {a.batches} -> {b.batches}, "
+                   f"ops per sum pass {a.ops / max(a.batches, 1):.1f} -> {b.ops / max(b.batches, 1):.1f}")
     return out
 
 
@@ -1008,6 +1012,10 @@ def main(argv: Sequence[str]) -> int:
     print(f"nld bench: torch {torch.__version__}, {dev}, {cfg.threads} thread(s), {cfg.rounds} interleaved "
           f"round(s), {cfg.steps} timed steps after {cfg.warmup} warm-up steps per run"
           f" (sampled arms and, under Lightning, every arm: {_warmup_steps(ns.sample_every, cfg.warmup)}); {_load()}")
+    if dev.type == "cpu":
+        lib = kernel.load()
+        print("charge sums: " + (f"compiled kernel ({lib._name})" if lib is not None else
+                                 "torch ops (the compiled kernel is off or cannot be built: nld_callbacks.kernel)"))
     print("time ratio = instrumented / plain run of the same round (wall clock per step), median [IQR] over rounds;")
     print("cpu-time = the same with this thread's CPU time (time.thread_time; all work runs on it at 1 thread);")
     print("peak mem = peak bytes of torch's " + ("CUDA allocator (max_memory_allocated)" if dev.type == "cuda" else

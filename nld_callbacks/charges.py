@@ -12,10 +12,13 @@ Two implementations, one obviously right and one fast, tested against each other
 * :func:`bilinear_reference` / :func:`linear_reference`: a per-group, per-member loop on float64
   copies;
 * :class:`ChargeLayout`: built once per model; evaluates any number of products X ⊙ Y over every
-  parameter in a few fused batches (``torch._foreach_copy_`` / ``torch._foreach_mul_`` into one
-  reusable scratch buffer, then one per-row ``sum`` per row length), into one flat float64 vector
-  of *reduction neurons* (one entry per (tensor, neuron)), and maps those onto the groups' neurons
-  with one gather and one ``index_add`` per quantity, whatever the depth.
+  parameter into one flat float64 vector of *reduction neurons* (one entry per (tensor, neuron)),
+  and maps those onto the groups' neurons with one sparse product per quantity, whatever the
+  depth. On the CPU the sums come from a compiled kernel (:mod:`nld_callbacks.kernel`: all the
+  products of a tensor in one read of it, exact float32 products, float64 sums); elsewhere, or
+  without a C compiler, from torch ops in a few fused batches (``torch._foreach_copy_`` /
+  ``torch._foreach_mul_`` into one reusable scratch buffer, then one per-row ``sum`` per row
+  length).
 
 Example:
     >>> import torch
@@ -28,17 +31,19 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import kernel as _kernel
 from .symmetries import Member, SymmetryGroup
 
-__all__ = ["ChargeLayout", "bilinear_reference", "linear_reference", "reduce_member"]
+__all__ = ["ChargeLayout", "Restricted", "bilinear_reference", "linear_reference", "reduce_member"]
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -260,6 +265,58 @@ class _Plan:
     zero: bool
 
 
+class Restricted(Mapping[str, "torch.Tensor | None"]):
+    """The entries of ``base`` named in ``names`` (a read-only view: nothing is copied).
+
+    :meth:`ChargeLayout.reduce_many` sees that a restricted mapping reads the same tensors as its
+    base, so a product of the base and a linear sum of the restriction read each tensor once.
+
+    Example:
+        >>> import torch
+        >>> theta = {"a": torch.ones(2), "b": torch.zeros(3)}
+        >>> only_a = Restricted(theta, ("a",))
+        >>> list(only_a), only_a["a"] is theta["a"], only_a.get("b")
+        (['a'], True, None)
+    """
+
+    def __init__(self, base: Mapping[str, torch.Tensor | None], names: Sequence[str]) -> None:
+        self.base = base
+        self.names = frozenset(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor | None:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.base[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """``base.get(name)`` for a name in ``names``, else ``default`` (one dict lookup, no KeyError)."""
+        return self.base.get(name, default) if name in self.names else default
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n in self.base if n in self.names)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+@dataclass(frozen=True)
+class _KernelPlan:
+    """The compiled kernel's jobs for one structure of a :meth:`ChargeLayout.reduce_many` call.
+
+    ``slots``: (tensor source, parameter) of every entry of the kernel's address table, in order.
+    The jobs write straight into the output matrix; ``zero``: some of its entries are no job's
+    (a missing tensor), so it is zeroed first.
+    """
+
+    jobs: Any  # ctypes int64 array
+    n_jobs: int
+    slots: list[tuple[int, int]]
+    zero: bool
+
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
 class ChargeLayout:
     """Index plan that evaluates every group's bilinear sums with a fixed number of batched ops.
 
@@ -279,8 +336,16 @@ class ChargeLayout:
             of the grouped parameters' entries, clamped to [2¹⁸, 2²⁰]; never below the largest
             ``tensor[i]`` slice). It bounds the extra memory; products of larger tensors are
             evaluated in slabs of dim-0 entries, each product once for all of its reductions.
+        kernel: evaluate CPU float32/float64 products with the compiled kernel of
+            :mod:`nld_callbacks.kernel` (every product and linear sum of a tensor in one read of
+            it, exact products, float64 sums; nothing allocated). ``None`` (default): where it
+            can be built and the call's tensors suit it (contiguous, on the CPU, float32 or
+            float64, at most four distinct tensors per parameter), torch ops otherwise; ``False``:
+            torch ops only; ``True``: the kernel or an error if it cannot be built.
 
-    Cost of one :meth:`reduce_many` call (CPU and CUDA alike): per fused batch of at most
+    Cost of one :meth:`reduce_many` call with the compiled kernel (CPU): one call, which reads every
+    tensor once and writes the sums in place, and no tensor operation unless some entries are no
+    product's (one ``zero_``). With torch ops (CUDA, other dtypes): per fused batch of at most
     ``scratch_elements`` entries, one ``_foreach_copy_`` and one ``_foreach_mul_`` for the small
     tensors, one ``mul(out=)`` per large slab, and one ``sum`` per distinct row length (plus one
     per column or whole-tensor reduction: a gemv with ones for a matrix's columns); then one cast
@@ -297,10 +362,13 @@ class ChargeLayout:
         *,
         float64_accumulation: bool = False,
         scratch_elements: int | None = None,
+        kernel: bool | None = None,
     ) -> None:
         self.groups = list(groups)
         self.float64_accumulation = float64_accumulation
         self.device = torch.device(device)
+        if kernel and self.device.type != "cpu":
+            raise ValueError(f"The compiled kernel sums CPU tensors; this layout is on {self.device}")
         shape = {n: tuple(s.shape if isinstance(s, torch.Tensor) else s) for n, s in shapes.items()}
         missing = sorted({m.param for g in groups for m in g.members} - shape.keys())
         if missing:
@@ -356,6 +424,7 @@ class ChargeLayout:
                 owner[r.start : r.start + r.size] = pi
         self.param_of_reduction = owner.to(dev)
         self.shapes = {p: shape[p] for p in self.params}
+        self._shape_of = [torch.Size(shape[p]) for p in self.params]
         numel = sum(math.prod(self.shapes[p]) for p in self.params)
         if scratch_elements is None:
             scratch_elements = min(max(numel // 32, 1 << 18), 1 << 20)
@@ -371,11 +440,16 @@ class ChargeLayout:
         self._memo_refs: list[Any] = []
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self._res: dict[torch.dtype, torch.Tensor] = {}
+        self._lib = _kernel.load() if kernel is not False and self.device.type == "cpu" else None
+        if kernel and self._lib is None:
+            raise RuntimeError("The compiled kernel is not available: it needs a C compiler (`cc` or $CC) and "
+                               "NLD_CALLBACKS_KERNEL not set to 0; pass kernel=None to fall back to torch ops")
+        self._kplans: dict[Any, _KernelPlan | None] = {}
 
     @property
     def n_plans(self) -> int:
         """How many evaluation plans (one per distinct set of products asked for) are built."""
-        return len(self._plans)
+        return len(self._plans) + len(self._kplans)
 
     def reduce(self, tensors: Mapping[str, torch.Tensor | None], other: Mapping[str, torch.Tensor | None] | None = None,
                *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -484,6 +558,8 @@ class ChargeLayout:
                              f"{out.dtype} {tuple(out.shape)}")
         if n == 0:
             return out
+        if self._lib is not None and self._run_kernel(pairs, out):
+            return out
         xs: list[list[torch.Tensor | None]] = []
         ys: list[list[torch.Tensor | None]] = []
         key: list[Any] = []
@@ -518,6 +594,129 @@ class ChargeLayout:
             for st in storages:
                 st.resize_(0)
         return out
+
+    # ------------------------------------------------------------------ compiled kernel
+    def _run_kernel(self, pairs: Sequence[tuple[Mapping[str, torch.Tensor | None],
+                                                 Mapping[str, torch.Tensor | None] | None]],
+                    out: torch.Tensor) -> bool:
+        """Evaluate ``pairs`` into ``out`` with the compiled kernel; ``False`` if they do not suit it.
+
+        The pairs' mappings are told apart by identity (a :class:`Restricted` one by its base's), so
+        the products of θ, g and v of a tracked step read each of the three once per tensor.
+        """
+        roots: list[Mapping[str, torch.Tensor | None]] = []
+        form: list[tuple[tuple[int, frozenset[str] | None] | None, ...]] = []
+        for pair in pairs:
+            ends: list[tuple[int, frozenset[str] | None] | None] = []
+            for M in pair:
+                if M is None:
+                    ends.append(None)
+                    continue
+                names = None
+                if isinstance(M, Restricted):
+                    names, M = M.names, M.base
+                r = next((k for k, m in enumerate(roots) if m is M), len(roots))
+                if r == len(roots):
+                    roots.append(M)
+                ends.append((r, names))
+            form.append(tuple(ends))
+        tensors = [[M.get(p) for p in self.params] for M in roots]
+        codes: list[int | None] = []
+        for ts in tensors:
+            for t, shape in zip(ts, self._shape_of):
+                if t is None:
+                    codes.append(None)
+                    continue
+                # anything else (a GPU tensor, a strided view, a wrong shape) goes to torch ops
+                code = _KERNEL_DTYPES.get(t.dtype)
+                if code is None or not t.is_cpu or t.shape != shape or not t.is_contiguous():
+                    return False
+                codes.append(code)
+        key = (tuple(form), tuple(codes))
+        if key in self._kplans:
+            kp = self._kplans[key]
+        else:
+            kp = self._kplans[key] = self._build_kernel_plan(form, codes, len(roots))
+        if kp is None:
+            return False
+        assert self._lib is not None
+        ptrs = (ctypes.c_int64 * len(kp.slots))(*[tensors[r][i].data_ptr() for r, i in kp.slots])  # type: ignore[union-attr]
+        if kp.zero:
+            out.zero_()
+        self._lib.nld_run(kp.n_jobs, ptrs, kp.jobs, out.data_ptr())
+        return True
+
+    def _build_kernel_plan(self, form: list[tuple[tuple[int, frozenset[str] | None] | None, ...]],
+                           codes: list[int | None], n_roots: int) -> _KernelPlan | None:
+        """One job per reduction of every parameter some pair reads: all of its products at once.
+
+        ``None`` (torch ops instead) where a parameter's sums need more than four tensors or
+        tensors of two dtypes, or one product is asked for twice in the call.
+        """
+        P, R = len(self.params), self.n_reductions
+        slots: list[tuple[int, int]] = []
+        table: list[int] = []
+        n_jobs = written = 0
+        for i, p in enumerate(self.params):
+            asks: list[tuple[int, int, int | None]] = []  # (pair, first tensor, second tensor or None)
+            for k, ends in enumerate(form):
+                x, y = ends
+                assert x is not None
+                if (x[1] is not None and p not in x[1]) or codes[x[0] * P + i] is None:
+                    continue
+                if y is not None and ((y[1] is not None and p not in y[1]) or codes[y[0] * P + i] is None):
+                    continue
+                asks.append((k, x[0], None if y is None else y[0]))
+            if not asks:
+                continue
+            used = sorted({r for _, a, b in asks for r in (a, b) if r is not None})
+            K = len(used)
+            dtypes = {codes[r * P + i] for r in used}
+            if K > 4 or len(dtypes) > 1:
+                return None
+            code = dtypes.pop()
+            at = {r: n for n, r in enumerate(used)}
+            qs = []
+            for _, a, b in asks:
+                u, w = at[a], (None if b is None else at[b])
+                if w is None:
+                    qs.append(K * (K + 1) // 2 + u)
+                else:
+                    u, w = min(u, w), max(u, w)
+                    qs.append(u * K - u * (u - 1) // 2 + (w - u))
+            if len(set(qs)) != len(qs):
+                return None
+            first = len(slots)
+            slots.extend((r, i) for r in used)
+            shape = self.shapes[p]
+            reds = list(self.reductions[p])
+            # a reduction on axis 0 and one on axis 1 share a job: the (shape[0], shape[1], rest)
+            # view's sums of each (i, j) go to both (one read of the tensor for its rows and columns)
+            rows = next((r for r in reds if r.axis == 0), None)
+            cols = next((r for r in reds if r.axis == 1), None)
+            jobs_of: list[tuple[_Reduction, _Reduction | None]] = []
+            if rows is not None and cols is not None:
+                jobs_of.append((cols, rows))
+                reds = [r for r in reds if r is not rows and r is not cols]
+            jobs_of += [(r, None) for r in reds]
+            QT = K * (K + 1) // 2 + K
+            for red, red0 in jobs_of:
+                if red.axis is None:
+                    A, J, C = 1, 1, math.prod(shape)
+                else:
+                    A, J, C = math.prod(shape[: red.axis]), shape[red.axis], math.prod(shape[red.axis + 1 :])
+                outs, outs0 = [-1] * QT, [-1] * QT
+                for (k, _, _), q in zip(asks, qs):
+                    outs[q] = k * R + red.start
+                    written += red.size
+                    if red0 is not None:
+                        outs0[q] = k * R + red0.start
+                        written += red0.size
+                table += [A, J, C, K, code, J // red.size, 1 if red0 is None else A // red0.size,
+                          *range(first, first + K), *outs, *outs0]
+                n_jobs += 1
+        jobs = (ctypes.c_int64 * len(table))(*table)
+        return _KernelPlan(jobs, n_jobs, slots, zero=written != len(form) * R)
 
     # ------------------------------------------------------------------ fused evaluation
     def _buffer(self, store: dict[torch.dtype, torch.Tensor], dtype: torch.dtype, size: int) -> torch.Tensor:

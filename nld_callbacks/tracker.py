@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import theory
-from .charges import ChargeLayout, host_to_device
+from .charges import ChargeLayout, Restricted, host_to_device
 from .optim import Hyper, OptimizerModel, adaptive_tensors, optimizer_model
 from .symmetries import SymmetryGroup, SymmetryReport, find_symmetries
 from .tensorboard import Dashboard, bin_on_device, tag, write_scalars
@@ -582,7 +582,9 @@ class NoetherTracker:
         exclude: glob patterns over ``kind/layer`` keys to drop.
         float64_accumulation: upcast tensors to float64 before every product and sum (exact charges
             of low-precision weights, at several times the cost); by default sums run in the
-            weights' dtype, whose rounding the residual's 4·u_w·M floor already allows for.
+            weights' dtype, whose rounding the residual's 4·u_w·M floor already allows for (on
+            the CPU, where the compiled kernel of :mod:`nld_callbacks.kernel` sums float32 and
+            float64 tensors, products are exact and sums float64 either way).
         sample_every: track one optimizer step in k (steps k, 2k, ...); the hooks of the other
             steps return at once, reading nothing. Sampled steps are exact (their per-step
             identities and residuals are the same numbers as with k = 1); the accumulated ΔQ sums
@@ -946,8 +948,8 @@ class NoetherTracker:
                 pairs["gg"] = (grads, grads)
         info = self._theory()
         if info.has_linear:  # the linear charges' sums T, ⟨c, g⟩ and S join the batch
-            def lin(d: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]:
-                return {n: d.get(n) for n in info.linear_params}
+            def lin(d: Mapping[str, Tensor | None]) -> Restricted:
+                return Restricted(d, info.linear_params)  # the same tensors: read with d's products
 
             pairs["T"] = (lin(theta), None)
             if supported and grads is not None:

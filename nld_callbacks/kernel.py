@@ -1,0 +1,266 @@
+"""A compiled CPU kernel for the per-neuron sums of :class:`~nld_callbacks.charges.ChargeLayout`.
+
+Torch's CPU ops evaluate one product ``X ⊙ Y`` per op: each product reads both factors and
+writes and reads back a temporary, so the five products of a tracked step read every parameter,
+gradient and momentum buffer several times. This kernel evaluates all the products asked of one
+tensor in one pass over it: each factor is read from memory once, the products are formed in
+registers and summed in float64 (the product of two float32 numbers is exact in float64, so a
+float32 tensor's sums carry only float64 rounding). It is plain C, compiled on first use with the
+system's C compiler (``$CC``, else ``cc``) into a per-user cache, and called through ``ctypes``,
+which releases the GIL during the call; where no compiler is found or the build fails,
+``ChargeLayout`` uses torch ops instead, with the same results to float32 rounding.
+
+Set ``NLD_CALLBACKS_KERNEL=0`` to never use it, ``NLD_CALLBACKS_CACHE`` to choose its cache folder
+(default ``~/.cache/nld_callbacks``).
+
+One call of ``nld_run(n_jobs, ptrs, jobs, res)`` runs a table of jobs (int64 entries). A job is
+``A, J, C, K, dtype, per``, then ``K`` indices into ``ptrs`` (the addresses of its tensors
+``t_0 … t_{K-1}``, 1 ≤ K ≤ 4, all float32 (``dtype`` 0) or all float64 (1), contiguous, viewed as
+``(A, J, C)``), then ``K(K+1)/2 + K`` output offsets (−1: not wanted), one per sum in the order
+``t_0 t_0, t_0 t_1, …, t_0 t_{K-1}, t_1 t_1, …, t_{K-1} t_{K-1}, t_0, …, t_{K-1}``:
+
+    res[out + j // per] = Σ_{j' : j' // per = j // per} Σ_{i, c} t_a[i, j', c] · t_b[i, j', c]
+
+(a linear sum without the second factor). Every tensor of a job is read once, whatever the number
+of sums. Each sum runs in a fixed order (8 lanes along ``c`` for rows of 8 or more entries, then
+``i`` in order): the same inputs give the same bits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+__all__ = ["load"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+
+#define INLINE static inline __attribute__((always_inline))
+#define QMAX 14 /* sums of one job at most: 10 products and 4 linear sums of 4 tensors */
+#define JB 1024 /* outputs of a column reduction accumulated per sweep */
+#define IB 2    /* rows of the tensor added to them per visit */
+
+INLINE v8d ld8(const void *t, int64_t e, int dbl) {
+    if (dbl) { v8d d; memcpy(&d, (const double *)t + e, sizeof d); return d; }
+    v8f f; memcpy(&f, (const float *)t + e, sizeof f); return __builtin_convertvector(f, v8d);
+}
+INLINE double ld1(const void *t, int64_t e, int dbl) { return dbl ? ((const double *)t)[e] : ((const float *)t)[e]; }
+INLINE v8d ldd(const double *p) { v8d d; memcpy(&d, p, sizeof d); return d; }
+INLINE void std8(double *p, v8d d) { memcpy(p, &d, sizeof d); }
+INLINE double hsum(v8d a) { double s = 0; for (int l = 0; l < 8; l++) s += a[l]; return s; }
+
+/* the job's sums of one entry (or 8 lanes of entries): products a <= b, then (if L) the entries */
+#define SUMS(ACC, F)                                                                        \
+    do {                                                                                    \
+        int q_ = 0;                                                                         \
+        for (int a = 0; a < K; a++) for (int b = a; b < K; b++) ACC[q_++] += F[a] * F[b];   \
+        for (int a = 0; a < L * K; a++) ACC[q_++] += F[a];                                  \
+    } while (0)
+
+/* One job: K tensors (float32, or float64 if dbl) viewed as (A, J, C); their products t_a t_b
+   (a <= b) and, if L, the tensors themselves, summed onto out[q] + j / per (every i, c) and, if R,
+   onto out0[q] + i / per0 (every j, c). */
+INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K, const int L, const int R,
+                const int dbl) {
+    const int Q = K * (K + 1) / 2 + L * K, QT = K * (K + 1) / 2 + K;
+    const int64_t A = jb[0], J = jb[1], C = jb[2], per = jb[5], per0 = jb[6];
+    const int64_t *out = jb + 7 + K, *out0 = out + QT;
+    const void *t[4];
+    for (int k = 0; k < K; k++) t[k] = (const void *)ptrs[jb[7 + k]];
+    for (int q = 0; q < Q; q++) {
+        if (out[q] >= 0) memset(res + out[q], 0, sizeof(double) * (J / per));
+        if (R && out0[q] >= 0) memset(res + out0[q], 0, sizeof(double) * (A / per0));
+    }
+    if (C >= 8) {
+        /* rows of C entries: each (i, j) row read once, every sum in 8 lanes */
+        const int64_t C8 = C & ~(int64_t)7;
+        for (int64_t i = 0; i < A; i++)
+            for (int64_t j = 0; j < J; j++) {
+                const int64_t base = (i * J + j) * C;
+                v8d acc[QMAX];
+                double tail[QMAX];
+                for (int q = 0; q < Q; q++) { acc[q] = (v8d){0}; tail[q] = 0; }
+                for (int64_t c = 0; c < C8; c += 8) {
+                    v8d f[4];
+                    for (int k = 0; k < K; k++) f[k] = ld8(t[k], base + c, dbl);
+                    SUMS(acc, f);
+                }
+                for (int64_t c = C8; c < C; c++) {
+                    double f[4];
+                    for (int k = 0; k < K; k++) f[k] = ld1(t[k], base + c, dbl);
+                    SUMS(tail, f);
+                }
+                for (int q = 0; q < Q; q++) {
+                    const double v = hsum(acc[q]) + tail[q];
+                    if (out[q] >= 0) res[out[q] + j / per] += v;
+                    if (R && out0[q] >= 0) res[out0[q] + i / per0] += v;
+                }
+            }
+        return;
+    }
+    /* columns (C < 8): JB outputs j at a time, IB rows i per visit, i in order; with R the rows'
+       sums on the way (8 lanes along j, then the JB-blocks in order) */
+    double (*tmp)[JB] = malloc(sizeof(double[QMAX][JB]));
+    if (!tmp) return;
+    for (int64_t j0 = 0; j0 < J; j0 += JB) {
+        const int64_t n = j0 + JB < J ? JB : J - j0;
+        const int64_t n8 = C == 1 ? n & ~(int64_t)7 : 0;
+        memset(tmp, 0, sizeof(double[QMAX][JB]));
+        for (int64_t i0 = 0; i0 < A; i0 += IB) {
+            const int64_t ib = i0 + IB < A ? IB : A - i0;
+            v8d racc[IB][QMAX];
+            double rtail[IB][QMAX];
+            for (int r = 0; r < IB; r++) for (int q = 0; q < Q; q++) { racc[r][q] = (v8d){0}; rtail[r][q] = 0; }
+            for (int64_t jj = 0; jj < n8; jj += 8) {
+                v8d acc[QMAX];
+                for (int q = 0; q < Q; q++) acc[q] = ldd(tmp[q] + jj);
+                for (int r = 0; r < IB; r++) {  /* a constant trip count: racc stays in registers */
+                    if (r >= ib) break;
+                    v8d f[4];
+                    for (int k = 0; k < K; k++) f[k] = ld8(t[k], (i0 + r) * J + j0 + jj, dbl);
+                    SUMS(acc, f);
+                    if (R) SUMS(racc[r], f);
+                }
+                for (int q = 0; q < Q; q++) std8(tmp[q] + jj, acc[q]);
+            }
+            for (int64_t jj = n8; jj < n; jj++)
+                for (int64_t r = 0; r < ib; r++)
+                    for (int64_t c = 0; c < C; c++) {
+                        double f[4], p[QMAX];
+                        for (int k = 0; k < K; k++) f[k] = ld1(t[k], ((i0 + r) * J + j0 + jj) * C + c, dbl);
+                        for (int q = 0; q < Q; q++) p[q] = 0;
+                        SUMS(p, f);
+                        for (int q = 0; q < Q; q++) { tmp[q][jj] += p[q]; rtail[r][q] += p[q]; }
+                    }
+            if (R)
+                for (int64_t r = 0; r < ib; r++)
+                    for (int q = 0; q < Q; q++)
+                        if (out0[q] >= 0) res[out0[q] + (i0 + r) / per0] += hsum(racc[r][q]) + rtail[r][q];
+        }
+        for (int q = 0; q < Q; q++)
+            if (out[q] >= 0) for (int64_t jj = 0; jj < n; jj++) res[out[q] + (j0 + jj) / per] += tmp[q][jj];
+    }
+    free(tmp);
+}
+
+/* one specialised copy per (dtype, R, L, K): the sums' loops unrolled, their accumulators in registers */
+typedef void (*job_fn)(const int64_t *, const int64_t *, double *);
+#define FN(D, R, L, K) \
+    static void job_##D##R##L##K(const int64_t *p, const int64_t *j, double *r) { job(p, j, r, K, L, R, D); }
+#define FNS_K(D, R, L) FN(D, R, L, 1) FN(D, R, L, 2) FN(D, R, L, 3) FN(D, R, L, 4)
+#define FNS(D) FNS_K(D, 0, 0) FNS_K(D, 0, 1) FNS_K(D, 1, 0) FNS_K(D, 1, 1)
+FNS(0)
+FNS(1)
+#define ROW(D, R, L) {job_##D##R##L##1, job_##D##R##L##2, job_##D##R##L##3, job_##D##R##L##4}
+static const job_fn JOBS[2][2][2][4] = {{{ROW(0, 0, 0), ROW(0, 0, 1)}, {ROW(0, 1, 0), ROW(0, 1, 1)}},
+                                        {{ROW(1, 0, 0), ROW(1, 0, 1)}, {ROW(1, 1, 0), ROW(1, 1, 1)}}};
+
+/* every job of a table; returns the number of table entries read */
+int64_t nld_run(int64_t n_jobs, const int64_t *ptrs, const int64_t *jobs, double *res) {
+    const int64_t *jb = jobs;
+    for (int64_t n = 0; n < n_jobs; n++) {
+        const int64_t K = jb[3], QT = K * (K + 1) / 2 + K;
+        const int64_t *out = jb + 7 + K, *out0 = out + QT;
+        int linear = 0, rows = 0; /* the linear sums and the second reduction only where wanted */
+        for (int64_t q = 0; q < QT; q++) {
+            linear |= q >= K * (K + 1) / 2 && (out[q] >= 0 || out0[q] >= 0);
+            rows |= out0[q] >= 0;
+        }
+        JOBS[jb[4]][rows][linear][K - 1](ptrs, jb, res);
+        jb += 7 + K + 2 * QT;
+    }
+    return jb - jobs;
+}
+"""
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_key() -> str:
+    """What the build depends on besides the source: the machine and (on Linux) its CPU flags."""
+    parts = [platform.machine(), platform.processor(), platform.system()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            parts += [line for line in f if line.startswith(("flags", "Features"))][:1]
+    except OSError:
+        pass
+    return "|".join(parts)
+
+
+def _build(cc: str, target: Path) -> None:
+    """Compile the kernel into ``target`` (atomically: a concurrent build never sees a partial file)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "nld_kernel.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        base = [cc, "-O3", "-shared", "-fPIC", "-o", str(out), str(src)]
+        errors = []
+        for flags in (["-march=native"], []):  # the host's vector width where the compiler knows it
+            run = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True, timeout=120)
+            if run.returncode == 0:
+                os.replace(out, target)
+                return
+            errors.append(run.stderr.strip())
+        raise RuntimeError("\n".join(errors))
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; ``None`` where it is switched off or cannot be built.
+
+    Example:
+        >>> from nld_callbacks import kernel
+        >>> lib = kernel.load()
+        >>> lib is None or callable(lib.nld_run)
+        True
+    """
+    global _lib, _tried
+    if os.environ.get("NLD_CALLBACKS_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if cc is None:
+            log.info("nld_callbacks: no C compiler found; the charge sums use torch ops")
+            return None
+        digest = hashlib.sha256("\0".join([SOURCE, cc, _cpu_key()]).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("NLD_CALLBACKS_CACHE") or Path.home() / ".cache" / "nld_callbacks")
+        target = cache / f"nld_kernel-{digest}.so"
+        try:
+            if not target.exists():
+                _build(cc, target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.info("nld_callbacks: the charge kernel could not be built (%s); the charge sums use torch ops", e)
+            return None
+        lib.nld_run.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.nld_run.restype = ctypes.c_int64
+        _lib = lib
+        return lib
+
+
+def reset() -> None:
+    """Forget the loaded kernel (the next :func:`load` looks again; for tests)."""
+    global _lib, _tried
+    with _lock:
+        _lib, _tried = None, False

@@ -1,0 +1,163 @@
+"""The compiled CPU kernel of the charge sums: against the reference loop, torch ops, and its fallbacks."""
+
+import math
+
+import pytest
+import torch
+
+from nld_callbacks import kernel
+from nld_callbacks.charges import ChargeLayout, Restricted, bilinear_reference, linear_reference
+from nld_callbacks.symmetries import Member, SymmetryGroup
+
+needs_kernel = pytest.mark.skipif(kernel.load() is None, reason="no C compiler: the kernel cannot be built")
+
+# every path of the kernel: rows of 8+ entries (conv rows, 3x3 input-channel rows: C = 9), rows and
+# columns of one matrix in one job (C = 1; more than one block of 1024 columns), blocks on axis 0
+# together with columns (per0 > 1), a whole-tensor sum, a short-row remainder (C = 5 < 8)
+SHAPES = {"conv.weight": (6, 3, 3, 3), "conv.bias": (6,), "conv2.weight": (5, 6, 3, 3), "wide.weight": (3, 2100),
+          "head.weight": (4, 6), "head.bias": (4,), "gn.weight": (8, 5)}
+GROUPS = [
+    SymmetryGroup("scale", "conv", (Member("conv.weight", 0), Member("conv.bias", 0)), 6, "output channel", "t"),
+    SymmetryGroup("rescale", "conv", (Member("conv.weight", 0), Member("conv.bias", 0), Member("head.weight", 1, -1),
+                                      Member("conv2.weight", 1, -1)), 6, "hidden unit", "t"),
+    SymmetryGroup("scale", "conv2", (Member("conv2.weight", 0),), 5, "output channel", "t"),
+    SymmetryGroup("scale", "wide", (Member("wide.weight", 0),), 3, "row", "t"),
+    SymmetryGroup("rescale", "wide", (Member("wide.weight", 1, -1),), 2100, "column", "t"),
+    SymmetryGroup("scale", "gn", (Member("gn.weight", 0, blocks=2),), 2, "norm group", "t"),
+    SymmetryGroup("rescale", "gn", (Member("gn.weight", 1),), 5, "column", "t"),
+    SymmetryGroup("scale", "head", (Member("head.weight", None), Member("head.bias", None)), 1, "layer", "t"),
+    SymmetryGroup("translation", "head", (Member("head.weight", 1), Member("head.bias", None, offset=6)), 7,
+                  "input feature", "t"),
+]
+
+
+@pytest.fixture
+def fresh_kernel():
+    """Lets a test change how the kernel is found; the next load() afterwards looks again."""
+    kernel.reset()
+    yield
+    kernel.reset()
+
+
+def _tensors(seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for n, s in SHAPES.items()}
+
+
+def _groups(lay, row):
+    return lay.split(lay.to_groups(row))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_kernel_matches_the_reference_loop(dtype):
+    """Products and linear sums of θ, g and v as a tracked step asks for them, each tensor read once.
+
+    float32 products are exact in float64 and the kernel sums them in float64: it meets the float64
+    reference on the same float32 values to float64 rounding (torch ops in float32 would not).
+    """
+    th, g, v = (_tensors(s, dtype) for s in (0, 1, 2))
+    lin = ["head.weight", "head.bias"]
+    pairs = [(th, th), (th, g), (v, g), (v, v), (th, v), (Restricted(th, lin), None), (Restricted(g, lin), None),
+             (Restricted(v, lin), None)]
+    lay = ChargeLayout(GROUPS, SHAPES, kernel=True)
+    out = lay.reduce_many(pairs)
+    (kp,) = lay._kplans.values()
+    assert kp is not None and lay._plans == {}  # the kernel's plan, no torch-op plan
+    assert kp.n_jobs == 8  # one per tensor (rows and columns of one tensor share a job), two for head.weight
+    as64 = [{n: t.double() for n, t in T.items()} for T in (th, g, v)]
+    th64, g64, v64 = as64
+    refs = [(th64, th64), (th64, g64), (v64, g64), (v64, v64), (th64, v64), th64, g64, v64]
+    for row, ref in zip(out, refs):
+        for grp, got in zip(GROUPS, _groups(lay, row)):
+            want = linear_reference(grp, ref) if isinstance(ref, dict) else bilinear_reference(grp, *ref)
+            if isinstance(ref, dict) and grp.key != "translation/head":
+                continue  # the restricted mappings' linear sums cover the head only
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=grp.key)
+
+
+@needs_kernel
+def test_kernel_and_torch_ops_agree_and_the_kernel_repeats_bitwise():
+    X, Y = _tensors(0, torch.float32), _tensors(1, torch.float32)
+    pairs = [(X, X), (X, Y), (Y, None), ({**X, "conv.bias": None}, Y)]
+    fast = ChargeLayout(GROUPS, SHAPES, kernel=True)
+    ops = ChargeLayout(GROUPS, SHAPES, kernel=False)
+    a, b = fast.reduce_many(pairs), ops.reduce_many(pairs)
+    assert ops._kplans == {} and fast._plans == {}
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # torch ops: float32 products and sums
+    assert torch.equal(a, fast.reduce_many(pairs))
+    # a call with fewer products gives the same bits for the products it shares (the tracker's
+    # pre-step read and post-step read of one θ must agree)
+    assert torch.equal(fast.reduce(X, X), a[0])
+    assert torch.equal(fast.reduce_many([(X, Y), (X, X)])[1], a[0])
+
+
+@needs_kernel
+def test_calls_that_do_not_suit_the_kernel_use_torch_ops():
+    X, Y = _tensors(0), _tensors(1)
+    lay = ChargeLayout(GROUPS, SHAPES, kernel=True)
+    strided = {**X, "wide.weight": X["wide.weight"].T.contiguous().T}  # the same values, column-major
+    half = {n: t.to(torch.bfloat16) for n, t in X.items()}
+    mixed = {**X, "conv.weight": X["conv.weight"].float()}  # float32 and float64 in one product
+    many = [(_tensors(s), _tensors(s + 1)) for s in range(3)]  # six tensors per parameter
+    for pairs in ([(strided, Y)], [(half, half)], [(mixed, Y)], many):
+        lay._plans.clear()
+        out = lay.reduce_many(pairs)
+        assert lay._plans, "expected the torch-op path"
+        for (P, R), row in zip(pairs, out):
+            P64, R64 = ({n: t.double() for n, t in T.items()} for T in (P, R))
+            for grp, got in zip(GROUPS, _groups(lay, row)):
+                torch.testing.assert_close(got, bilinear_reference(grp, P64, R64), rtol=1e-2, atol=1e-2)
+
+
+def test_without_a_compiler_the_layout_uses_torch_ops(fresh_kernel, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("NLD_CALLBACKS_CACHE", str(tmp_path / "cache"))
+    assert kernel.load() is None
+    lay = ChargeLayout(GROUPS, SHAPES)  # kernel=None: torch ops, no error
+    X = _tensors(0)
+    for grp, got in zip(GROUPS, _groups(lay, lay.reduce(X, X))):
+        torch.testing.assert_close(got, bilinear_reference(grp, X, X), rtol=1e-13, atol=1e-13)
+    with pytest.raises(RuntimeError, match="C compiler"):
+        ChargeLayout(GROUPS, SHAPES, kernel=True)
+
+
+def test_the_kernel_can_be_switched_off(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("NLD_CALLBACKS_KERNEL", "0")
+    assert kernel.load() is None
+    lay = ChargeLayout(GROUPS, SHAPES)
+    lay.reduce(_tensors(0), _tensors(1))
+    assert lay._kplans == {} and lay._plans
+
+
+def test_the_kernel_is_for_cpu_layouts():
+    with pytest.raises(ValueError, match="CPU tensors"):
+        ChargeLayout(GROUPS, SHAPES, "cuda", kernel=True)
+
+
+@needs_kernel
+def test_the_kernel_is_built_once_into_its_cache(fresh_kernel, monkeypatch, tmp_path):
+    monkeypatch.setenv("NLD_CALLBACKS_CACHE", str(tmp_path))
+    lib = kernel.load()
+    assert lib is not None and kernel.load() is lib
+    (built,) = tmp_path.glob("nld_kernel-*.so")
+    mtime = built.stat().st_mtime_ns
+    kernel.reset()
+    assert kernel.load() is not None and built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+@needs_kernel
+def test_kernel_job_table_by_hand():
+    """One job of the table documented in nld_callbacks.kernel, against sums written out."""
+    import ctypes
+
+    lib = kernel.load()
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    y = torch.tensor([[1.0, 0.0, -1.0], [2.0, 2.0, 2.0]])
+    ptrs = (ctypes.c_int64 * 2)(x.data_ptr(), y.data_ptr())
+    # (A, J, C) = (2, 3, 1): columns j, rows i (R); sums xx, xy, yy, x, y -> columns; xy -> rows
+    job = [2, 3, 1, 2, 0, 1, 1, 0, 1, 0, 3, 6, 9, 12, -1, 15, -1, -1, -1]
+    res = torch.full((17,), math.nan, dtype=torch.float64)
+    assert lib.nld_run(1, ptrs, (ctypes.c_int64 * len(job))(*job), res.data_ptr()) == len(job)
+    assert res[:15].tolist() == [17, 29, 45, 9, 10, 9, 5, 4, 5, 5, 7, 9, 3, 2, 1]
+    assert res[15:].tolist() == [1 - 3, 8 + 10 + 12]
