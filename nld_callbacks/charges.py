@@ -604,6 +604,8 @@ class ChargeLayout:
         The pairs' mappings are told apart by identity (a :class:`Restricted` one by its base's), so
         the products of θ, g and v of a tracked step read each of the three once per tensor.
         """
+        if not out.is_contiguous():  # the jobs write at offsets of a dense matrix
+            return False
         roots: list[Mapping[str, torch.Tensor | None]] = []
         form: list[tuple[tuple[int, frozenset[str] | None] | None, ...]] = []
         for pair in pairs:
@@ -636,7 +638,7 @@ class ChargeLayout:
         if key in self._kplans:
             kp = self._kplans[key]
         else:
-            kp = self._kplans[key] = self._build_kernel_plan(form, codes, len(roots))
+            kp = self._kplans[key] = self._build_kernel_plan(form, codes)
         if kp is None:
             return False
         assert self._lib is not None
@@ -647,7 +649,7 @@ class ChargeLayout:
         return True
 
     def _build_kernel_plan(self, form: list[tuple[tuple[int, frozenset[str] | None] | None, ...]],
-                           codes: list[int | None], n_roots: int) -> _KernelPlan | None:
+                           codes: list[int | None]) -> _KernelPlan | None:
         """One job per reduction of every parameter some pair reads: all of its products at once.
 
         ``None`` (torch ops instead) where a parameter's sums need more than four tensors or
@@ -675,6 +677,7 @@ class ChargeLayout:
             if K > 4 or len(dtypes) > 1:
                 return None
             code = dtypes.pop()
+            assert code is not None  # every tensor of `used` is present
             at = {r: n for n, r in enumerate(used)}
             qs = []
             for _, a, b in asks:
