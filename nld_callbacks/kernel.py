@@ -14,12 +14,15 @@ Set ``NLD_CALLBACKS_KERNEL=0`` to never use it, ``NLD_CALLBACKS_CACHE`` to choos
 (default ``~/.cache/nld_callbacks``).
 
 One call of ``nld_run(n_jobs, ptrs, jobs, res)`` runs a table of jobs (int64 entries). A job is
-``A, J, C, K, dtype, per``, then ``K`` indices into ``ptrs`` (the addresses of its tensors
+``A, J, C, K, dtype, per, per0``, then ``K`` indices into ``ptrs`` (the addresses of its tensors
 ``t_0 … t_{K-1}``, 1 ≤ K ≤ 4, all float32 (``dtype`` 0) or all float64 (1), contiguous, viewed as
-``(A, J, C)``), then ``K(K+1)/2 + K`` output offsets (−1: not wanted), one per sum in the order
-``t_0 t_0, t_0 t_1, …, t_0 t_{K-1}, t_1 t_1, …, t_{K-1} t_{K-1}, t_0, …, t_{K-1}``:
+``(A, J, C)``), then two lists of ``K(K+1)/2 + K`` output offsets into ``res`` (−1: not wanted),
+one per sum in the order ``t_0 t_0, t_0 t_1, …, t_0 t_{K-1}, t_1 t_1, …, t_{K-1} t_{K-1}, t_0, …,
+t_{K-1}``: the first list for the sums over ``i`` and ``c`` (one per ``j``), the second for the
+sums over ``j`` and ``c`` (one per ``i``; the rows and columns of one matrix in one read):
 
-    res[out + j // per] = Σ_{j' : j' // per = j // per} Σ_{i, c} t_a[i, j', c] · t_b[i, j', c]
+    res[out + j // per]   = Σ_{j' : j' // per = j // per}   Σ_{i, c} t_a[i, j', c] · t_b[i, j', c]
+    res[out0 + i // per0] = Σ_{i' : i' // per0 = i // per0} Σ_{j, c} t_a[i', j, c] · t_b[i', j, c]
 
 (a linear sum without the second factor). Every tensor of a job is read once, whatever the number
 of sums. Each sum runs in a fixed order (8 lanes along ``c`` for rows of 8 or more entries, then
