@@ -672,6 +672,11 @@ class ChargeLayout:
             if not asks:
                 continue
             used = sorted({r for _, a, b in asks for r in (a, b) if r is not None})
+            # a tensor whose square no pair asks for goes last: the kernel then skips that product
+            unsquared = [r for r in used if not any(a == b == r for _, a, b in asks)]
+            if unsquared:
+                used.remove(unsquared[-1])
+                used.append(unsquared[-1])
             K = len(used)
             dtypes = {codes[r * P + i] for r in used}
             if K > 4 or len(dtypes) > 1:

@@ -25,8 +25,12 @@ sums over ``j`` and ``c`` (one per ``i``; the rows and columns of one matrix in 
     res[out0 + i // per0] = Σ_{i' : i' // per0 = i // per0} Σ_{j, c} t_a[i', j, c] · t_b[i', j, c]
 
 (a linear sum without the second factor). Every tensor of a job is read once, whatever the number
-of sums. Each sum runs in a fixed order (8 lanes along ``c`` for rows of 8 or more entries, then
-``i`` in order): the same inputs give the same bits.
+of sums. The float64 arithmetic is the costly part: the linear sums, the second reduction and the
+last tensor's square are skipped where no output wants them (the layout puts a tensor whose square
+is not asked for last). Each product is added with one fused multiply-add (the product exact,
+one rounding per addition), and each sum runs in a fixed order (8 lanes along ``c`` for rows of 8
+or more entries, then ``i`` in order): the same inputs give the same bits, in every job that asks
+for the sum.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ __all__ = ["load"]
 log = logging.getLogger(__name__)
 
 SOURCE = r"""
+
+
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,33 +63,101 @@ typedef double v8d __attribute__((vector_size(64)));
 #define INLINE static inline __attribute__((always_inline))
 #define QMAX 14 /* sums of one job at most: 10 products and 4 linear sums of 4 tensors */
 #define JB 1024 /* outputs of a column reduction accumulated per sweep */
-#define IB 2    /* rows of the tensor added to them per visit */
+/* rows of the tensor added to them per visit: two, or one where two rows' sums would not fit the
+   32 vector registers */
+#define NBROWS(K, L, R) ((R) && 3 * ((K) * ((K) + 1) / 2 + (L) * (K)) + (K) > 32 ? 1 : 2)
 
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
 INLINE v8d ld8(const void *t, int64_t e, int dbl) {
     if (dbl) { v8d d; memcpy(&d, (const double *)t + e, sizeof d); return d; }
+#ifdef __AVX512F__ /* one 8-lane convert: GCC splits __builtin_convertvector into two */
+    return (v8d)_mm512_cvtps_pd(_mm256_loadu_ps((const float *)t + e));
+#else
     v8f f; memcpy(&f, (const float *)t + e, sizeof f); return __builtin_convertvector(f, v8d);
+#endif
 }
 INLINE double ld1(const void *t, int64_t e, int dbl) { return dbl ? ((const double *)t)[e] : ((const float *)t)[e]; }
 INLINE v8d ldd(const double *p) { v8d d; memcpy(&d, p, sizeof d); return d; }
 INLINE void std8(double *p, v8d d) { memcpy(p, &d, sizeof d); }
+/* c + a·b with one rounding, written out: the same bits in every specialised copy (the build
+   turns implicit contraction off) */
+INLINE v8d fma8(v8d a, v8d b, v8d c) {
+#if defined(__AVX512F__)
+    return (v8d)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif defined(__FMA__)
+    __m256d h[2], m[2], k[2];
+    memcpy(h, &a, sizeof a); memcpy(m, &b, sizeof b); memcpy(k, &c, sizeof c);
+    for (int i = 0; i < 2; i++) k[i] = _mm256_fmadd_pd(h[i], m[i], k[i]);
+    memcpy(&c, k, sizeof c);
+    return c;
+#else
+    v8d r;
+    for (int l = 0; l < 8; l++) r[l] = __builtin_fma(a[l], b[l], c[l]);
+    return r;
+#endif
+}
+INLINE double fma1(double a, double b, double c) { return __builtin_fma(a, b, c); }
+#define MADD(A, B, C) _Generic((C), v8d: fma8, default: fma1)(A, B, C)
 INLINE double hsum(v8d a) { double s = 0; for (int l = 0; l < 8; l++) s += a[l]; return s; }
 
-/* the job's sums of one entry (or 8 lanes of entries): products a <= b, then (if L) the entries */
+/* the job's sums of one entry (or 8 lanes of entries): products a <= b (if S, not the last
+   tensor's square), then (if L) the entries */
 #define SUMS(ACC, F)                                                                        \
     do {                                                                                    \
         int q_ = 0;                                                                         \
-        for (int a = 0; a < K; a++) for (int b = a; b < K; b++) ACC[q_++] += F[a] * F[b];   \
+        for (int a = 0; a < K; a++)                                                         \
+            for (int b = a; b < K; b++, q_++)                                               \
+                if (!(S && a == K - 1 && b == K - 1)) ACC[q_] = MADD(F[a], F[b], ACC[q_]);               \
         for (int a = 0; a < L * K; a++) ACC[q_++] += F[a];                                  \
     } while (0)
 
+/* NB rows i0 … i0 + NB − 1 of a column job, columns j0 … j0 + n − 1: their sums onto tmp[q][j − j0]
+   (8 lanes along j where C == 1, n8 of them) and, if R, onto out0[q] + i / per0 */
+INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int64_t *out0, const int64_t i0,
+                 const int64_t J, const int64_t j0, const int64_t n, const int64_t n8, const int64_t C,
+                 const int64_t per0, const int NB, const int K, const int L, const int R, const int S,
+                 const int dbl) {
+    const int Q = K * (K + 1) / 2 + L * K;
+    v8d racc[NB][QMAX];
+    double rtail[NB][QMAX];
+    for (int r = 0; r < NB; r++) for (int q = 0; q < Q; q++) { racc[r][q] = (v8d){0}; rtail[r][q] = 0; }
+    for (int64_t jj = 0; jj < n8; jj += 8) {
+        v8d acc[QMAX];
+        for (int q = 0; q < Q; q++) acc[q] = ldd(tmp[q] + jj);
+        for (int r = 0; r < NB; r++) {
+            v8d f[4];
+            for (int k = 0; k < K; k++) f[k] = ld8(t[k], (i0 + r) * J + j0 + jj, dbl);
+            SUMS(acc, f);
+            if (R) SUMS(racc[r], f);
+        }
+        for (int q = 0; q < Q; q++) std8(tmp[q] + jj, acc[q]);
+    }
+    for (int64_t jj = n8; jj < n; jj++)
+        for (int r = 0; r < NB; r++)
+            for (int64_t c = 0; c < C; c++) {
+                double f[4], p[QMAX];
+                for (int k = 0; k < K; k++) f[k] = ld1(t[k], ((i0 + r) * J + j0 + jj) * C + c, dbl);
+                for (int q = 0; q < Q; q++) p[q] = 0;
+                SUMS(p, f);
+                for (int q = 0; q < Q; q++) { tmp[q][jj] += p[q]; rtail[r][q] += p[q]; }
+            }
+    if (R)
+        for (int r = 0; r < NB; r++)
+            for (int q = 0; q < Q; q++)
+                if (out0[q] >= 0) res[out0[q] + (i0 + r) / per0] += hsum(racc[r][q]) + rtail[r][q];
+}
+
 /* One job: K tensors (float32, or float64 if dbl) viewed as (A, J, C); their products t_a t_b
-   (a <= b) and, if L, the tensors themselves, summed onto out[q] + j / per (every i, c) and, if R,
-   onto out0[q] + i / per0 (every j, c). */
+   (a <= b; if S, not t_{K-1} t_{K-1}) and, if L, the tensors themselves, summed onto
+   out[q] + j / per (every i, c) and, if R, onto out0[q] + i / per0 (every j, c). */
 INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K, const int L, const int R,
-                const int dbl) {
+                const int S, const int dbl) {
     const int Q = K * (K + 1) / 2 + L * K, QT = K * (K + 1) / 2 + K;
     const int64_t A = jb[0], J = jb[1], C = jb[2], per = jb[5], per0 = jb[6];
     const int64_t *out = jb + 7 + K, *out0 = out + QT;
+    const int NB = NBROWS(K, L, R);
     const void *t[4];
     for (int k = 0; k < K; k++) t[k] = (const void *)ptrs[jb[7 + k]];
     for (int q = 0; q < Q; q++) {
@@ -117,62 +191,39 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
             }
         return;
     }
-    /* columns (C < 8): JB outputs j at a time, IB rows i per visit, i in order; with R the rows'
-       sums on the way (8 lanes along j, then the JB-blocks in order) */
+    /* columns (C < 8): JB outputs j at a time, NB rows i per visit, i in order; with R the rows'
+       sums on the way (8 lanes along j, then the JB-blocks in order). A whole visit of NB rows is
+       one call with NB constant: the sums stay in registers (a partial visit would spill them) */
     double (*tmp)[JB] = malloc(sizeof(double[QMAX][JB]));
     if (!tmp) return;
     for (int64_t j0 = 0; j0 < J; j0 += JB) {
         const int64_t n = j0 + JB < J ? JB : J - j0;
         const int64_t n8 = C == 1 ? n & ~(int64_t)7 : 0;
         memset(tmp, 0, sizeof(double[QMAX][JB]));
-        for (int64_t i0 = 0; i0 < A; i0 += IB) {
-            const int64_t ib = i0 + IB < A ? IB : A - i0;
-            v8d racc[IB][QMAX];
-            double rtail[IB][QMAX];
-            for (int r = 0; r < IB; r++) for (int q = 0; q < Q; q++) { racc[r][q] = (v8d){0}; rtail[r][q] = 0; }
-            for (int64_t jj = 0; jj < n8; jj += 8) {
-                v8d acc[QMAX];
-                for (int q = 0; q < Q; q++) acc[q] = ldd(tmp[q] + jj);
-                for (int r = 0; r < IB; r++) {  /* a constant trip count: racc stays in registers */
-                    if (r >= ib) break;
-                    v8d f[4];
-                    for (int k = 0; k < K; k++) f[k] = ld8(t[k], (i0 + r) * J + j0 + jj, dbl);
-                    SUMS(acc, f);
-                    if (R) SUMS(racc[r], f);
-                }
-                for (int q = 0; q < Q; q++) std8(tmp[q] + jj, acc[q]);
-            }
-            for (int64_t jj = n8; jj < n; jj++)
-                for (int64_t r = 0; r < ib; r++)
-                    for (int64_t c = 0; c < C; c++) {
-                        double f[4], p[QMAX];
-                        for (int k = 0; k < K; k++) f[k] = ld1(t[k], ((i0 + r) * J + j0 + jj) * C + c, dbl);
-                        for (int q = 0; q < Q; q++) p[q] = 0;
-                        SUMS(p, f);
-                        for (int q = 0; q < Q; q++) { tmp[q][jj] += p[q]; rtail[r][q] += p[q]; }
-                    }
-            if (R)
-                for (int64_t r = 0; r < ib; r++)
-                    for (int q = 0; q < Q; q++)
-                        if (out0[q] >= 0) res[out0[q] + (i0 + r) / per0] += hsum(racc[r][q]) + rtail[r][q];
-        }
+        int64_t i0 = 0;
+        for (; i0 + NB <= A; i0 += NB) cols(t, tmp, res, out0, i0, J, j0, n, n8, C, per0, NB, K, L, R, S, dbl);
+        for (; i0 < A; i0++) cols(t, tmp, res, out0, i0, J, j0, n, n8, C, per0, 1, K, L, R, S, dbl);
         for (int q = 0; q < Q; q++)
             if (out[q] >= 0) for (int64_t jj = 0; jj < n; jj++) res[out[q] + (j0 + jj) / per] += tmp[q][jj];
     }
     free(tmp);
 }
 
-/* one specialised copy per (dtype, R, L, K): the sums' loops unrolled, their accumulators in registers */
+/* one specialised copy per (dtype, R, L, S, K): the sums' loops unrolled, their accumulators in
+   registers */
 typedef void (*job_fn)(const int64_t *, const int64_t *, double *);
-#define FN(D, R, L, K) \
-    static void job_##D##R##L##K(const int64_t *p, const int64_t *j, double *r) { job(p, j, r, K, L, R, D); }
-#define FNS_K(D, R, L) FN(D, R, L, 1) FN(D, R, L, 2) FN(D, R, L, 3) FN(D, R, L, 4)
-#define FNS(D) FNS_K(D, 0, 0) FNS_K(D, 0, 1) FNS_K(D, 1, 0) FNS_K(D, 1, 1)
+#define FN(D, R, L, S, K) \
+    static void job_##D##R##L##S##K(const int64_t *p, const int64_t *j, double *r) { job(p, j, r, K, L, R, S, D); }
+#define FNS_K(D, R, L, S) FN(D, R, L, S, 1) FN(D, R, L, S, 2) FN(D, R, L, S, 3) FN(D, R, L, S, 4)
+#define FNS_S(D, R, L) FNS_K(D, R, L, 0) FNS_K(D, R, L, 1)
+#define FNS(D) FNS_S(D, 0, 0) FNS_S(D, 0, 1) FNS_S(D, 1, 0) FNS_S(D, 1, 1)
 FNS(0)
 FNS(1)
-#define ROW(D, R, L) {job_##D##R##L##1, job_##D##R##L##2, job_##D##R##L##3, job_##D##R##L##4}
-static const job_fn JOBS[2][2][2][4] = {{{ROW(0, 0, 0), ROW(0, 0, 1)}, {ROW(0, 1, 0), ROW(0, 1, 1)}},
-                                        {{ROW(1, 0, 0), ROW(1, 0, 1)}, {ROW(1, 1, 0), ROW(1, 1, 1)}}};
+#define ROW(D, R, L, S) {job_##D##R##L##S##1, job_##D##R##L##S##2, job_##D##R##L##S##3, job_##D##R##L##S##4}
+#define ROWS(D, R, L) {ROW(D, R, L, 0), ROW(D, R, L, 1)}
+static const job_fn JOBS[2][2][2][2][4] = {
+    {{ROWS(0, 0, 0), ROWS(0, 0, 1)}, {ROWS(0, 1, 0), ROWS(0, 1, 1)}},
+    {{ROWS(1, 0, 0), ROWS(1, 0, 1)}, {ROWS(1, 1, 0), ROWS(1, 1, 1)}}};
 
 /* every job of a table; returns the number of table entries read */
 int64_t nld_run(int64_t n_jobs, const int64_t *ptrs, const int64_t *jobs, double *res) {
@@ -180,12 +231,14 @@ int64_t nld_run(int64_t n_jobs, const int64_t *ptrs, const int64_t *jobs, double
     for (int64_t n = 0; n < n_jobs; n++) {
         const int64_t K = jb[3], QT = K * (K + 1) / 2 + K;
         const int64_t *out = jb + 7 + K, *out0 = out + QT;
-        int linear = 0, rows = 0; /* the linear sums and the second reduction only where wanted */
+        /* the linear sums, the second reduction and the last tensor's square only where wanted */
+        const int64_t last = K * (K + 1) / 2 - 1;
+        int linear = 0, rows = 0, square = out[last] >= 0 || out0[last] >= 0;
         for (int64_t q = 0; q < QT; q++) {
-            linear |= q >= K * (K + 1) / 2 && (out[q] >= 0 || out0[q] >= 0);
+            linear |= q > last && (out[q] >= 0 || out0[q] >= 0);
             rows |= out0[q] >= 0;
         }
-        JOBS[jb[4]][rows][linear][K - 1](ptrs, jb, res);
+        JOBS[jb[4]][rows][linear][!square][K - 1](ptrs, jb, res);
         jb += 7 + K + 2 * QT;
     }
     return jb - jobs;
@@ -215,7 +268,9 @@ def _build(cc: str, target: Path) -> None:
         src = Path(tmp) / "nld_kernel.c"
         src.write_text(SOURCE)
         out = Path(tmp) / target.name
-        base = [cc, "-O3", "-shared", "-fPIC", "-o", str(out), str(src)]
+        # no implicit contraction: each product is added with one explicit fused multiply-add, so
+        # a sum has the same bits in every specialised copy of the job
+        base = [cc, "-O3", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
         errors = []
         for flags in (["-march=native"], []):  # the host's vector width where the compiler knows it
             run = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True, timeout=120)

@@ -93,6 +93,19 @@ def test_kernel_and_torch_ops_agree_and_the_kernel_repeats_bitwise():
 
 
 @needs_kernel
+def test_a_tensor_whose_square_is_not_asked_for_goes_last():
+    """A heavy-ball step asks for θθ, θg, θv, vg, vv but not gg: g is the job's last tensor (its square skipped)."""
+    theta, g, v = _tensors(0), _tensors(1), _tensors(2)
+    pairs = [(theta, theta), (theta, g), (v, g), (v, v), (theta, v)]
+    lay = ChargeLayout(GROUPS, SHAPES, kernel=True)
+    out = lay.reduce_many(pairs)
+    (plan,) = lay._kplans.values()
+    assert plan is not None and [r for r, _ in plan.slots[:3]] == [0, 2, 1]  # θ, v, g (roots by first use)
+    expected = ChargeLayout(GROUPS, SHAPES, kernel=False).reduce_many(pairs)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernel
 def test_calls_that_do_not_suit_the_kernel_use_torch_ops():
     X, Y = _tensors(0), _tensors(1)
     lay = ChargeLayout(GROUPS, SHAPES, kernel=True)
@@ -161,3 +174,55 @@ def test_kernel_job_table_by_hand():
     assert lib.nld_run(1, ptrs, (ctypes.c_int64 * len(job))(*job), res.data_ptr()) == len(job)
     assert res[:15].tolist() == [17, 29, 45, 9, 10, 9, 5, 4, 5, 5, 7, 9, 3, 2, 1]
     assert res[15:].tolist() == [1 - 3, 8 + 10 + 12]
+    # a sum asked for in the second list only: yy per row (the last tensor's square still runs)
+    job = [2, 3, 1, 2, 0, 1, 1, 0, 1, -1, -1, -1, -1, -1, -1, -1, 0, -1, -1]
+    res = torch.full((2,), math.nan, dtype=torch.float64)
+    lib.nld_run(1, ptrs, (ctypes.c_int64 * len(job))(*job), res.data_ptr())
+    assert res.tolist() == [1 + 0 + 1, 4 + 4 + 4]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 37, 100), (9, 1030, 1), (5, 7, 3)], ids=["rows", "rows+columns", "columns"])
+def test_a_sum_has_the_same_bits_in_every_specialised_job(shape):
+    """float64 products are rounded: each is added with one fused multiply-add, whatever else the job sums.
+
+    The same product X·Y at every position among 2-4 tensors, with and without the last square,
+    the second reduction and the linear sums (each a different compiled copy of the job).
+    """
+    import ctypes
+    import itertools
+
+    lib = kernel.load()
+    A, J, C = shape
+    gen = torch.Generator().manual_seed(7)
+    X, Y, Z = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    seen = {}
+    for K in (2, 3, 4):
+        P = K * (K + 1) // 2
+        for (a, b), skip, rows, linear in itertools.product(itertools.permutations(range(K), 2), (0, 1), (0, 1),
+                                                            (0, 1)):
+            ts = [Z] * K
+            ts[a], ts[b] = X, Y
+            lo, hi = min(a, b), max(a, b)
+            q = lo * K - lo * (lo - 1) // 2 + (hi - lo)
+            outs, outs0, size = [-1] * (P + K), [-1] * (P + K), J + rows * A
+            outs[q] = 0
+            if rows:
+                outs0[q] = J
+            if not skip and q != P - 1:  # the last tensor's square is wanted: that copy runs
+                outs[P - 1], size = size, size + J
+            if linear:
+                outs[P], size = size, size + J
+            job = [A, J, C, K, 1, 1, 1, *range(K), *outs, *outs0]
+            res = torch.zeros(size, dtype=torch.float64)
+            lib.nld_run(1, (ctypes.c_int64 * K)(*[t.data_ptr() for t in ts]), (ctypes.c_int64 * len(job))(*job),
+                        res.data_ptr())
+            seen[(K, a, b, skip, rows, linear)] = res[:J].clone()
+            if rows:
+                seen.setdefault("rows", []).append(res[J : J + A].clone())
+    first = seen.pop((2, 0, 1, 0, 0, 0))
+    row_sums = seen.pop("rows")
+    assert torch.allclose(first, (X * Y).sum((0, 2)), rtol=1e-13, atol=1e-13)
+    assert all(torch.equal(first.view(torch.int64), v.view(torch.int64)) for v in seen.values())
+    assert torch.allclose(row_sums[0], (X * Y).sum((1, 2)), rtol=1e-13, atol=1e-13)
+    assert all(torch.equal(row_sums[0].view(torch.int64), v.view(torch.int64)) for v in row_sums)
