@@ -35,7 +35,7 @@ import ctypes
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -312,9 +312,38 @@ class _KernelPlan:
     n_jobs: int
     slots: list[tuple[int, int]]
     zero: bool
+    #: per job: its offset and length in ``jobs``, and the tensor entries it reads
+    spans: list[tuple[int, int, int]]
+    _parts: dict[int, tuple[int, Any, Any, list[Any]] | None] = field(default_factory=dict)
+
+    def parts(self, threads: int) -> tuple[int, Any, Any, list[Any]] | None:
+        """The jobs shared out over up to ``threads`` threads, for ``nld_run_parts``; ``None``: one thread.
+
+        A thread is given at least :data:`_KERNEL_ENTRIES_PER_THREAD` entries to read. Each job
+        stays whole (largest first, to the least loaded thread; each thread's jobs in table order).
+        Returns (parts, jobs per part, the parts' table addresses, the tables).
+        """
+        n = min(threads, len(self.spans), sum(e for *_, e in self.spans) // _KERNEL_ENTRIES_PER_THREAD)
+        if n < 2:
+            return None
+        if n not in self._parts:
+            loads, members = [0] * n, [[] for _ in range(n)]
+            for j in sorted(range(len(self.spans)), key=lambda j: -self.spans[j][2]):
+                p = loads.index(min(loads))
+                members[p].append(j)
+                loads[p] += self.spans[j][2]
+            tables = []
+            for m in members:
+                entries = [x for j in sorted(m) for x in self.jobs[self.spans[j][0] : sum(self.spans[j][:2])]]
+                tables.append((ctypes.c_int64 * len(entries))(*entries))
+            counts = (ctypes.c_int64 * n)(*map(len, members))
+            self._parts[n] = (n, counts, (ctypes.c_void_p * n)(*map(ctypes.addressof, tables)), tables)
+        return self._parts[n]
 
 
 _KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
+#: tensor entries a thread of the kernel reads at least: on fewer, starting it costs more than it saves
+_KERNEL_ENTRIES_PER_THREAD = 1 << 18
 
 
 class ChargeLayout:
@@ -645,7 +674,11 @@ class ChargeLayout:
         ptrs = (ctypes.c_int64 * len(kp.slots))(*[tensors[r][i].data_ptr() for r, i in kp.slots])  # type: ignore[union-attr]
         if kp.zero:
             out.zero_()
-        self._lib.nld_run(kp.n_jobs, ptrs, kp.jobs, out.data_ptr())
+        parts = kp.parts(torch.get_num_threads())  # as many threads as torch's own CPU ops use
+        if parts is None:
+            self._lib.nld_run(kp.n_jobs, ptrs, kp.jobs, out.data_ptr())
+        else:
+            self._lib.nld_run_parts(*parts[:3], ptrs, out.data_ptr())
         return True
 
     def _build_kernel_plan(self, form: list[tuple[tuple[int, frozenset[str] | None] | None, ...]],
@@ -658,6 +691,7 @@ class ChargeLayout:
         P, R = len(self.params), self.n_reductions
         slots: list[tuple[int, int]] = []
         table: list[int] = []
+        spans: list[tuple[int, int, int]] = []
         n_jobs = written = 0
         for i, p in enumerate(self.params):
             asks: list[tuple[int, int, int | None]] = []  # (pair, first tensor, second tensor or None)
@@ -720,11 +754,13 @@ class ChargeLayout:
                     if red0 is not None:
                         outs0[q] = k * R + red0.start
                         written += red0.size
+                start = len(table)
                 table += [A, J, C, K, code, J // red.size, 1 if red0 is None else A // red0.size,
                           *range(first, first + K), *outs, *outs0]
+                spans.append((start, len(table) - start, A * J * C * K))
                 n_jobs += 1
         jobs = (ctypes.c_int64 * len(table))(*table)
-        return _KernelPlan(jobs, n_jobs, slots, zero=written != len(form) * R)
+        return _KernelPlan(jobs, n_jobs, slots, zero=written != len(form) * R, spans=spans)
 
     # ------------------------------------------------------------------ fused evaluation
     def _buffer(self, store: dict[torch.dtype, torch.Tensor], dtype: torch.dtype, size: int) -> torch.Tensor:

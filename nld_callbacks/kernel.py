@@ -31,6 +31,13 @@ is not asked for last). Each product is added with one fused multiply-add (the p
 one rounding per addition), and each sum runs in a fixed order (8 lanes along ``c`` for rows of 8
 or more entries, then ``i`` in order): the same inputs give the same bits, in every job that asks
 for the sum.
+
+``nld_run_parts(n_parts, n_jobs, tables, ptrs, res)`` runs ``n_parts`` such tables at once, one per
+OpenMP thread. The kernel is built with OpenMP where the compiler has it (GCC's ``libgomp``, which
+torch's Linux wheels use: the threads are then torch's own), else the tables run one after the
+other. :class:`~nld_callbacks.charges.ChargeLayout` shares a large call's jobs out over
+``torch.get_num_threads()`` threads, each job whole (no two write one sum): the sums do not depend
+on the number of threads.
 """
 
 from __future__ import annotations
@@ -243,6 +250,15 @@ int64_t nld_run(int64_t n_jobs, const int64_t *ptrs, const int64_t *jobs, double
     }
     return jb - jobs;
 }
+
+/* n_parts job tables at once, one per thread of the OpenMP team (torch's own threads where torch
+   uses the same runtime; one after the other where the build has no OpenMP). No two jobs may write
+   one output: each sum is then what nld_run gives it, whatever the split. */
+void nld_run_parts(int64_t n_parts, const int64_t *n_jobs, const int64_t *const *tables, const int64_t *ptrs,
+                   double *res) {
+#pragma omp parallel for num_threads(n_parts) schedule(static, 1)
+    for (int64_t p = 0; p < n_parts; p++) nld_run(n_jobs[p], ptrs, tables[p], res);
+}
 """
 
 _lock = threading.Lock()
@@ -272,7 +288,8 @@ def _build(cc: str, target: Path) -> None:
         # a sum has the same bits in every specialised copy of the job
         base = [cc, "-O3", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
         errors = []
-        for flags in (["-march=native"], []):  # the host's vector width where the compiler knows it
+        # the host's vector width and OpenMP, where the compiler has them
+        for flags in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
             run = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True, timeout=120)
             if run.returncode == 0:
                 os.replace(out, target)
@@ -313,6 +330,9 @@ def load() -> ctypes.CDLL | None:
             return None
         lib.nld_run.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.nld_run.restype = ctypes.c_int64
+        lib.nld_run_parts.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_void_p]
+        lib.nld_run_parts.restype = None
         _lib = lib
         return lib
 

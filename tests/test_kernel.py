@@ -160,6 +160,30 @@ def test_the_kernel_is_built_once_into_its_cache(fresh_kernel, monkeypatch, tmp_
 
 
 @needs_kernel
+def test_a_compiler_without_openmp_builds_a_kernel_that_runs_the_parts_in_turn(fresh_kernel, monkeypatch,
+                                                                                tmp_path):
+    import shutil
+    import stat
+
+    from nld_callbacks import charges
+
+    real = shutil.which("cc") or shutil.which("gcc")
+    fake = tmp_path / "cc"  # the system compiler, refusing -fopenmp
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("NLD_CALLBACKS_CACHE", str(tmp_path / "cache"))
+    assert kernel.load() is not None
+    (built,) = (tmp_path / "cache").glob("nld_kernel-*.so")
+    assert b"GOMP_parallel" not in built.read_bytes()  # built without OpenMP
+    X = _tensors(0, torch.float32)
+    serial = ChargeLayout(GROUPS, SHAPES, kernel=True).reduce_many([(X, X)])
+    monkeypatch.setattr(charges, "_KERNEL_ENTRIES_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert torch.equal(ChargeLayout(GROUPS, SHAPES, kernel=True).reduce_many([(X, X)]), serial)
+
+
+@needs_kernel
 def test_kernel_job_table_by_hand():
     """One job of the table documented in nld_callbacks.kernel, against sums written out."""
     import ctypes
@@ -226,3 +250,35 @@ def test_a_sum_has_the_same_bits_in_every_specialised_job(shape):
     assert all(torch.equal(first.view(torch.int64), v.view(torch.int64)) for v in seen.values())
     assert torch.allclose(row_sums[0], (X * Y).sum((1, 2)), rtol=1e-13, atol=1e-13)
     assert all(torch.equal(row_sums[0].view(torch.int64), v.view(torch.int64)) for v in row_sums)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_jobs_shared_out_over_threads_give_the_same_bits(monkeypatch, threads):
+    """Each job runs whole on one thread: the sums do not depend on the number of threads."""
+    from nld_callbacks import charges
+
+    X, Y = _tensors(0, torch.float32), _tensors(1, torch.float32)
+    pairs = [(X, X), (X, Y), (Y, Y), (Restricted(X, {"conv.bias", "head.bias"}), None)]
+    lay = ChargeLayout(GROUPS, SHAPES, kernel=True)
+    serial = lay.reduce_many(pairs)
+    (plan,) = lay._kplans.values()
+    assert plan is not None and plan.parts(threads) is None  # a small call stays on one thread
+    monkeypatch.setattr(charges, "_KERNEL_ENTRIES_PER_THREAD", 1)
+    n, counts, _, tables = plan.parts(threads)
+    assert n == threads and sum(counts) == plan.n_jobs
+    # every job once: the parts' tables are the whole table's jobs, shared out
+    whole = sorted(tuple(plan.jobs[a : a + m]) for a, m, _ in plan.spans)
+    parts = []
+    for c, t in zip(counts, tables):
+        entries, at = list(t), 0
+        for _ in range(c):
+            K = entries[at + 3]
+            m = 7 + K + 2 * (K * (K + 1) // 2 + K)
+            parts.append(tuple(entries[at : at + m]))
+            at += m
+        assert at == len(entries)
+    assert sorted(parts) == whole
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for _ in range(3):
+        assert torch.equal(lay.reduce_many(pairs), serial)
