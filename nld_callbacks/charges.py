@@ -314,7 +314,7 @@ class _KernelPlan:
     zero: bool
     #: per job: its offset and length in ``jobs``, and the tensor entries it reads
     spans: list[tuple[int, int, int]]
-    _parts: dict[int, tuple[int, Any, Any, list[Any]] | None] = field(default_factory=dict)
+    _parts: dict[int, tuple[int, Any, Any, list[Any]]] = field(default_factory=dict)
 
     def parts(self, threads: int) -> tuple[int, Any, Any, list[Any]] | None:
         """The jobs shared out over up to ``threads`` threads, for ``nld_run_parts``; ``None``: one thread.

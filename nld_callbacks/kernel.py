@@ -58,8 +58,6 @@ __all__ = ["load"]
 log = logging.getLogger(__name__)
 
 SOURCE = r"""
-
-
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,7 +114,7 @@ INLINE double hsum(v8d a) { double s = 0; for (int l = 0; l < 8; l++) s += a[l];
         int q_ = 0;                                                                         \
         for (int a = 0; a < K; a++)                                                         \
             for (int b = a; b < K; b++, q_++)                                               \
-                if (!(S && a == K - 1 && b == K - 1)) ACC[q_] = MADD(F[a], F[b], ACC[q_]);               \
+                if (!(S && a == K - 1 && b == K - 1)) ACC[q_] = MADD(F[a], F[b], ACC[q_]);  \
         for (int a = 0; a < L * K; a++) ACC[q_++] += F[a];                                  \
     } while (0)
 
@@ -154,6 +152,16 @@ INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int
         for (int r = 0; r < NB; r++)
             for (int q = 0; q < Q; q++)
                 if (out0[q] >= 0) res[out0[q] + (i0 + r) / per0] += hsum(racc[r][q]) + rtail[r][q];
+}
+
+/* a last, single row of a column job: one copy for every kind of job (it is a small part of the
+   work, and a specialised copy per kind would double the build time) */
+static __attribute__((noinline)) void col1(const void *const *t, double (*tmp)[JB], double *res,
+                                           const int64_t *out0, const int64_t i0, const int64_t J,
+                                           const int64_t j0, const int64_t n, const int64_t n8, const int64_t C,
+                                           const int64_t per0, const int K, const int L, const int R, const int S,
+                                           const int dbl) {
+    cols(t, tmp, res, out0, i0, J, j0, n, n8, C, per0, 1, K, L, R, S, dbl);
 }
 
 /* One job: K tensors (float32, or float64 if dbl) viewed as (A, J, C); their products t_a t_b
@@ -209,7 +217,7 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
         memset(tmp, 0, sizeof(double[QMAX][JB]));
         int64_t i0 = 0;
         for (; i0 + NB <= A; i0 += NB) cols(t, tmp, res, out0, i0, J, j0, n, n8, C, per0, NB, K, L, R, S, dbl);
-        for (; i0 < A; i0++) cols(t, tmp, res, out0, i0, J, j0, n, n8, C, per0, 1, K, L, R, S, dbl);
+        for (; i0 < A; i0++) col1(t, tmp, res, out0, i0, J, j0, n, n8, C, per0, K, L, R, S, dbl);
         for (int q = 0; q < Q; q++)
             if (out[q] >= 0) for (int64_t jj = 0; jj < n; jj++) res[out[q] + (j0 + jj) / per] += tmp[q][jj];
     }
@@ -217,16 +225,17 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
 }
 
 /* one specialised copy per (dtype, R, L, S, K): the sums' loops unrolled, their accumulators in
-   registers */
+   registers (S only where K is 2 or 3, the products of θ, g and v: elsewhere the square is formed
+   and not written) */
 typedef void (*job_fn)(const int64_t *, const int64_t *, double *);
 #define FN(D, R, L, S, K) \
     static void job_##D##R##L##S##K(const int64_t *p, const int64_t *j, double *r) { job(p, j, r, K, L, R, S, D); }
 #define FNS_K(D, R, L, S) FN(D, R, L, S, 1) FN(D, R, L, S, 2) FN(D, R, L, S, 3) FN(D, R, L, S, 4)
-#define FNS_S(D, R, L) FNS_K(D, R, L, 0) FNS_K(D, R, L, 1)
+#define FNS_S(D, R, L) FNS_K(D, R, L, 0) FN(D, R, L, 1, 2) FN(D, R, L, 1, 3)
 #define FNS(D) FNS_S(D, 0, 0) FNS_S(D, 0, 1) FNS_S(D, 1, 0) FNS_S(D, 1, 1)
 FNS(0)
 FNS(1)
-#define ROW(D, R, L, S) {job_##D##R##L##S##1, job_##D##R##L##S##2, job_##D##R##L##S##3, job_##D##R##L##S##4}
+#define ROW(D, R, L, S) {job_##D##R##L##0##1, job_##D##R##L##S##2, job_##D##R##L##S##3, job_##D##R##L##0##4}
 #define ROWS(D, R, L) {ROW(D, R, L, 0), ROW(D, R, L, 1)}
 static const job_fn JOBS[2][2][2][2][4] = {
     {{ROWS(0, 0, 0), ROWS(0, 0, 1)}, {ROWS(0, 1, 0), ROWS(0, 1, 1)}},
