@@ -29,8 +29,8 @@ of sums. The float64 arithmetic is the costly part: the linear sums, the second 
 last tensor's square are skipped where no output wants them (the layout puts a tensor whose square
 is not asked for last). Each product is added with one fused multiply-add (the product exact,
 one rounding per addition), and each sum runs in a fixed order (8 lanes along ``c`` for rows of 8
-or more entries, then ``i`` in order): the same inputs give the same bits, in every job that asks
-for the sum.
+or more entries, 4 on CPUs without AVX-512, then ``i`` in order): the same inputs give the same
+bits, in every job that asks for the sum.
 
 ``nld_run_parts(n_parts, n_jobs, tables, ptrs, res)`` runs ``n_parts`` such tables at once, one per
 OpenMP thread. The kernel is built with OpenMP where the compiler has it (GCC's ``libgomp``, which
@@ -62,52 +62,58 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef double v8d __attribute__((vector_size(64)));
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+/* W lanes of doubles per vector, one vector per register: 8 of 32 registers with AVX-512, else 4
+   of 16 (AVX2; wider vectors there would spill the sums to memory) */
+#ifdef __AVX512F__
+#define W 8
+#define VREGS 32
+#else
+#define W 4
+#define VREGS 16
+#endif
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef double vd __attribute__((vector_size(8 * W)));
 
 #define INLINE static inline __attribute__((always_inline))
 #define QMAX 14 /* sums of one job at most: 10 products and 4 linear sums of 4 tensors */
 #define JB 1024 /* outputs of a column reduction accumulated per sweep */
 /* rows of the tensor added to them per visit: two, or one where two rows' sums would not fit the
-   32 vector registers */
-#define NBROWS(K, L, R) ((R) && 3 * ((K) * ((K) + 1) / 2 + (L) * (K)) + (K) > 32 ? 1 : 2)
+   vector registers */
+#define NBROWS(K, L, R) ((R) && 3 * ((K) * ((K) + 1) / 2 + (L) * (K)) + (K) > VREGS ? 1 : 2)
 
-#if defined(__AVX512F__) || defined(__FMA__)
-#include <immintrin.h>
-#endif
-INLINE v8d ld8(const void *t, int64_t e, int dbl) {
-    if (dbl) { v8d d; memcpy(&d, (const double *)t + e, sizeof d); return d; }
+INLINE vd ldv(const void *t, int64_t e, int dbl) {
+    if (dbl) { vd d; memcpy(&d, (const double *)t + e, sizeof d); return d; }
 #ifdef __AVX512F__ /* one 8-lane convert: GCC splits __builtin_convertvector into two */
-    return (v8d)_mm512_cvtps_pd(_mm256_loadu_ps((const float *)t + e));
+    return (vd)_mm512_cvtps_pd(_mm256_loadu_ps((const float *)t + e));
 #else
-    v8f f; memcpy(&f, (const float *)t + e, sizeof f); return __builtin_convertvector(f, v8d);
+    vf f; memcpy(&f, (const float *)t + e, sizeof f); return __builtin_convertvector(f, vd);
 #endif
 }
 INLINE double ld1(const void *t, int64_t e, int dbl) { return dbl ? ((const double *)t)[e] : ((const float *)t)[e]; }
-INLINE v8d ldd(const double *p) { v8d d; memcpy(&d, p, sizeof d); return d; }
-INLINE void std8(double *p, v8d d) { memcpy(p, &d, sizeof d); }
+INLINE vd ldd(const double *p) { vd d; memcpy(&d, p, sizeof d); return d; }
+INLINE void stv(double *p, vd d) { memcpy(p, &d, sizeof d); }
 /* c + a·b with one rounding, written out: the same bits in every specialised copy (the build
    turns implicit contraction off) */
-INLINE v8d fma8(v8d a, v8d b, v8d c) {
+INLINE vd fmav(vd a, vd b, vd c) {
 #if defined(__AVX512F__)
-    return (v8d)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+    return (vd)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
 #elif defined(__FMA__)
-    __m256d h[2], m[2], k[2];
-    memcpy(h, &a, sizeof a); memcpy(m, &b, sizeof b); memcpy(k, &c, sizeof c);
-    for (int i = 0; i < 2; i++) k[i] = _mm256_fmadd_pd(h[i], m[i], k[i]);
-    memcpy(&c, k, sizeof c);
-    return c;
+    return (vd)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
 #else
-    v8d r;
-    for (int l = 0; l < 8; l++) r[l] = __builtin_fma(a[l], b[l], c[l]);
+    vd r;
+    for (int l = 0; l < W; l++) r[l] = __builtin_fma(a[l], b[l], c[l]);
     return r;
 #endif
 }
 INLINE double fma1(double a, double b, double c) { return __builtin_fma(a, b, c); }
-#define MADD(A, B, C) _Generic((C), v8d: fma8, default: fma1)(A, B, C)
-INLINE double hsum(v8d a) { double s = 0; for (int l = 0; l < 8; l++) s += a[l]; return s; }
+#define MADD(A, B, C) _Generic((C), vd: fmav, default: fma1)(A, B, C)
+INLINE double hsum(vd a) { double s = 0; for (int l = 0; l < W; l++) s += a[l]; return s; }
 
-/* the job's sums of one entry (or 8 lanes of entries): products a <= b (if S, not the last
+/* the job's sums of one entry (or W lanes of entries): products a <= b (if S, not the last
    tensor's square), then (if L) the entries */
 #define SUMS(ACC, F)                                                                        \
     do {                                                                                    \
@@ -119,27 +125,27 @@ INLINE double hsum(v8d a) { double s = 0; for (int l = 0; l < 8; l++) s += a[l];
     } while (0)
 
 /* NB rows i0 … i0 + NB − 1 of a column job, columns j0 … j0 + n − 1: their sums onto tmp[q][j − j0]
-   (8 lanes along j where C == 1, n8 of them) and, if R, onto out0[q] + i / per0 */
+   (W lanes along j where C == 1, nw of them) and, if R, onto out0[q] + i / per0 */
 INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int64_t *out0, const int64_t i0,
-                 const int64_t J, const int64_t j0, const int64_t n, const int64_t n8, const int64_t C,
+                 const int64_t J, const int64_t j0, const int64_t n, const int64_t nw, const int64_t C,
                  const int64_t per0, const int NB, const int K, const int L, const int R, const int S,
                  const int dbl) {
     const int Q = K * (K + 1) / 2 + L * K;
-    v8d racc[NB][QMAX];
+    vd racc[NB][QMAX];
     double rtail[NB][QMAX];
-    for (int r = 0; r < NB; r++) for (int q = 0; q < Q; q++) { racc[r][q] = (v8d){0}; rtail[r][q] = 0; }
-    for (int64_t jj = 0; jj < n8; jj += 8) {
-        v8d acc[QMAX];
+    for (int r = 0; r < NB; r++) for (int q = 0; q < Q; q++) { racc[r][q] = (vd){0}; rtail[r][q] = 0; }
+    for (int64_t jj = 0; jj < nw; jj += W) {
+        vd acc[QMAX];
         for (int q = 0; q < Q; q++) acc[q] = ldd(tmp[q] + jj);
         for (int r = 0; r < NB; r++) {
-            v8d f[4];
-            for (int k = 0; k < K; k++) f[k] = ld8(t[k], (i0 + r) * J + j0 + jj, dbl);
+            vd f[4];
+            for (int k = 0; k < K; k++) f[k] = ldv(t[k], (i0 + r) * J + j0 + jj, dbl);
             SUMS(acc, f);
             if (R) SUMS(racc[r], f);
         }
-        for (int q = 0; q < Q; q++) std8(tmp[q] + jj, acc[q]);
+        for (int q = 0; q < Q; q++) stv(tmp[q] + jj, acc[q]);
     }
-    for (int64_t jj = n8; jj < n; jj++)
+    for (int64_t jj = nw; jj < n; jj++)
         for (int r = 0; r < NB; r++)
             for (int64_t c = 0; c < C; c++) {
                 double f[4], p[QMAX];
@@ -158,10 +164,10 @@ INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int
    work, and a specialised copy per kind would double the build time) */
 static __attribute__((noinline)) void col1(const void *const *t, double (*tmp)[JB], double *res,
                                            const int64_t *out0, const int64_t i0, const int64_t J,
-                                           const int64_t j0, const int64_t n, const int64_t n8, const int64_t C,
+                                           const int64_t j0, const int64_t n, const int64_t nw, const int64_t C,
                                            const int64_t per0, const int K, const int L, const int R, const int S,
                                            const int dbl) {
-    cols(t, tmp, res, out0, i0, J, j0, n, n8, C, per0, 1, K, L, R, S, dbl);
+    cols(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, 1, K, L, R, S, dbl);
 }
 
 /* One job: K tensors (float32, or float64 if dbl) viewed as (A, J, C); their products t_a t_b
@@ -180,20 +186,20 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
         if (R && out0[q] >= 0) memset(res + out0[q], 0, sizeof(double) * (A / per0));
     }
     if (C >= 8) {
-        /* rows of C entries: each (i, j) row read once, every sum in 8 lanes */
-        const int64_t C8 = C & ~(int64_t)7;
+        /* rows of C entries: each (i, j) row read once, every sum in W lanes */
+        const int64_t CW = C & ~(int64_t)(W - 1);
         for (int64_t i = 0; i < A; i++)
             for (int64_t j = 0; j < J; j++) {
                 const int64_t base = (i * J + j) * C;
-                v8d acc[QMAX];
+                vd acc[QMAX];
                 double tail[QMAX];
-                for (int q = 0; q < Q; q++) { acc[q] = (v8d){0}; tail[q] = 0; }
-                for (int64_t c = 0; c < C8; c += 8) {
-                    v8d f[4];
-                    for (int k = 0; k < K; k++) f[k] = ld8(t[k], base + c, dbl);
+                for (int q = 0; q < Q; q++) { acc[q] = (vd){0}; tail[q] = 0; }
+                for (int64_t c = 0; c < CW; c += W) {
+                    vd f[4];
+                    for (int k = 0; k < K; k++) f[k] = ldv(t[k], base + c, dbl);
                     SUMS(acc, f);
                 }
-                for (int64_t c = C8; c < C; c++) {
+                for (int64_t c = CW; c < C; c++) {
                     double f[4];
                     for (int k = 0; k < K; k++) f[k] = ld1(t[k], base + c, dbl);
                     SUMS(tail, f);
@@ -207,17 +213,17 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
         return;
     }
     /* columns (C < 8): JB outputs j at a time, NB rows i per visit, i in order; with R the rows'
-       sums on the way (8 lanes along j, then the JB-blocks in order). A whole visit of NB rows is
+       sums on the way (W lanes along j, then the JB-blocks in order). A whole visit of NB rows is
        one call with NB constant: the sums stay in registers (a partial visit would spill them) */
     double (*tmp)[JB] = malloc(sizeof(double[QMAX][JB]));
     if (!tmp) return;
     for (int64_t j0 = 0; j0 < J; j0 += JB) {
         const int64_t n = j0 + JB < J ? JB : J - j0;
-        const int64_t n8 = C == 1 ? n & ~(int64_t)7 : 0;
+        const int64_t nw = C == 1 ? n & ~(int64_t)(W - 1) : 0;
         memset(tmp, 0, sizeof(double[QMAX][JB]));
         int64_t i0 = 0;
-        for (; i0 + NB <= A; i0 += NB) cols(t, tmp, res, out0, i0, J, j0, n, n8, C, per0, NB, K, L, R, S, dbl);
-        for (; i0 < A; i0++) col1(t, tmp, res, out0, i0, J, j0, n, n8, C, per0, K, L, R, S, dbl);
+        for (; i0 + NB <= A; i0 += NB) cols(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, NB, K, L, R, S, dbl);
+        for (; i0 < A; i0++) col1(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, K, L, R, S, dbl);
         for (int q = 0; q < Q; q++)
             if (out[q] >= 0) for (int64_t jj = 0; jj < n; jj++) res[out[q] + (j0 + jj) / per] += tmp[q][jj];
     }
