@@ -1,6 +1,8 @@
 """The compiled CPU kernel of the charge sums: against the reference loop, torch ops, and its fallbacks."""
 
 import math
+import os
+import platform
 
 import pytest
 import torch
@@ -181,6 +183,32 @@ def test_a_compiler_without_openmp_builds_a_kernel_that_runs_the_parts_in_turn(f
     monkeypatch.setattr(charges, "_KERNEL_ENTRIES_PER_THREAD", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert torch.equal(ChargeLayout(GROUPS, SHAPES, kernel=True).reduce_many([(X, X)]), serial)
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector widths")
+def test_a_kernel_built_for_avx2_has_the_same_sums(fresh_kernel, monkeypatch, tmp_path):
+    """Without AVX-512 the kernel works in 4 lanes instead of 8: the same checks, on such a build."""
+    import shutil
+    import stat
+    import subprocess
+
+    real = shutil.which("cc") or shutil.which("gcc")
+    probe = subprocess.run([real, "-march=x86-64-v3", "-x", "c", "-c", "-o", os.devnull, "-"], input="",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("the compiler does not know -march=x86-64-v3")
+    fake = tmp_path / "cc"  # the system compiler, building for AVX2 (x86-64-v3) instead of this CPU
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do shift; [ "$a" = -march=native ] && a=-march=x86-64-v3; '
+                    f'set -- "$@" "$a"; done\nexec {real} "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("NLD_CALLBACKS_CACHE", str(tmp_path / "cache"))
+    assert kernel.load() is not None
+    for dtype in (torch.float32, torch.float64):
+        test_kernel_matches_the_reference_loop(dtype)
+    for shape in ((1, 37, 100), (9, 1030, 1), (5, 7, 3)):
+        test_a_sum_has_the_same_bits_in_every_specialised_job(shape)
 
 
 @needs_kernel
