@@ -327,7 +327,8 @@ class _KernelPlan:
         if n < 2:
             return None
         if n not in self._parts:
-            loads, members = [0] * n, [[] for _ in range(n)]
+            loads = [0] * n
+            members: list[list[int]] = [[] for _ in range(n)]
             for j in sorted(range(len(self.spans)), key=lambda j: -self.spans[j][2]):
                 p = loads.index(min(loads))
                 members[p].append(j)
