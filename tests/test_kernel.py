@@ -46,6 +46,23 @@ def _tensors(seed, dtype=torch.float64):
     return {n: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for n, s in SHAPES.items()}
 
 
+def _system_compiler():
+    import shutil
+
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _wrapped_compiler(monkeypatch, tmp_path, script):
+    """``$CC``: a shell script that runs ``script`` on the arguments, then the system compiler; a fresh cache."""
+    import stat
+
+    fake = tmp_path / "cc"
+    fake.write_text(f'#!/bin/sh\n{script}\nexec {_system_compiler()} "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("NLD_CALLBACKS_CACHE", str(tmp_path / "cache"))
+
+
 def _groups(lay, row):
     return lay.split(lay.to_groups(row))
 
@@ -164,17 +181,10 @@ def test_the_kernel_is_built_once_into_its_cache(fresh_kernel, monkeypatch, tmp_
 @needs_kernel
 def test_a_compiler_without_openmp_builds_a_kernel_that_runs_the_parts_in_turn(fresh_kernel, monkeypatch,
                                                                                 tmp_path):
-    import shutil
-    import stat
-
     from nld_callbacks import charges
 
-    real = shutil.which("cc") or shutil.which("gcc")
-    fake = tmp_path / "cc"  # the system compiler, refusing -fopenmp
-    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("CC", str(fake))
-    monkeypatch.setenv("NLD_CALLBACKS_CACHE", str(tmp_path / "cache"))
+    # the system compiler, refusing -fopenmp
+    _wrapped_compiler(monkeypatch, tmp_path, 'for a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done')
     assert kernel.load() is not None
     (built,) = (tmp_path / "cache").glob("nld_kernel-*.so")
     assert b"GOMP_parallel" not in built.read_bytes()  # built without OpenMP
@@ -189,21 +199,15 @@ def test_a_compiler_without_openmp_builds_a_kernel_that_runs_the_parts_in_turn(f
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector widths")
 def test_a_kernel_built_for_avx2_has_the_same_sums(fresh_kernel, monkeypatch, tmp_path):
     """Without AVX-512 the kernel works in 4 lanes instead of 8: the same checks, on such a build."""
-    import shutil
-    import stat
     import subprocess
 
-    real = shutil.which("cc") or shutil.which("gcc")
-    probe = subprocess.run([real, "-march=x86-64-v3", "-x", "c", "-c", "-o", os.devnull, "-"], input="",
-                           capture_output=True, text=True)
+    probe = subprocess.run([_system_compiler(), "-march=x86-64-v3", "-x", "c", "-c", "-o", os.devnull, "-"],
+                           input="", capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip("the compiler does not know -march=x86-64-v3")
-    fake = tmp_path / "cc"  # the system compiler, building for AVX2 (x86-64-v3) instead of this CPU
-    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do shift; [ "$a" = -march=native ] && a=-march=x86-64-v3; '
-                    f'set -- "$@" "$a"; done\nexec {real} "$@"\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("CC", str(fake))
-    monkeypatch.setenv("NLD_CALLBACKS_CACHE", str(tmp_path / "cache"))
+    # the system compiler, building for AVX2 (x86-64-v3) instead of this CPU
+    _wrapped_compiler(monkeypatch, tmp_path, 'for a in "$@"; do shift; [ "$a" = -march=native ] && '
+                                             'a=-march=x86-64-v3; set -- "$@" "$a"; done')
     assert kernel.load() is not None
     for dtype in (torch.float32, torch.float64):
         test_kernel_matches_the_reference_loop(dtype)
