@@ -33,11 +33,11 @@ or more entries, 4 on CPUs without AVX-512, then ``i`` in order): the same input
 bits, in every job that asks for the sum.
 
 ``nld_run_parts(n_parts, n_jobs, tables, ptrs, res)`` runs ``n_parts`` such tables at once, one per
-OpenMP thread. The kernel is built with OpenMP where the compiler has it (GCC's ``libgomp``, which
-torch's Linux wheels use: the threads are then torch's own), else the tables run one after the
-other. :class:`~nld_callbacks.charges.ChargeLayout` shares a large call's jobs out over
-``torch.get_num_threads()`` threads, each job whole (no two write one sum): the sums do not depend
-on the number of threads.
+OpenMP thread. The kernel is built with OpenMP where torch itself runs on GNU ``libgomp`` (its
+Linux wheels) and the compiler links that runtime: the threads are then torch's own. Elsewhere it
+is built without, and the tables run one after the other. :class:`~nld_callbacks.charges.ChargeLayout`
+shares a large call's jobs out over ``torch.get_num_threads()`` threads, each job whole (no two
+write one sum): the sums do not depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -292,7 +292,21 @@ def _cpu_key() -> str:
     return "|".join(parts)
 
 
-def _build(cc: str, target: Path) -> None:
+def _openmp() -> bool:
+    """Whether the kernel is built with OpenMP: only where torch runs on GNU ``libgomp``.
+
+    That is torch's Linux wheels: the kernel then shares the loaded copy and its threads. A second
+    OpenMP runtime beside torch's (LLVM's or Intel's) would start threads of its own, and some
+    pairs abort at load.
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line for line in f)
+    except OSError:
+        return False
+
+
+def _build(cc: str, target: Path, openmp: bool) -> None:
     """Compile the kernel into ``target`` (atomically: a concurrent build never sees a partial file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -304,8 +318,14 @@ def _build(cc: str, target: Path) -> None:
         base = [cc, "-O3", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
         errors = []
         # the host's vector width and OpenMP, where the compiler has them
-        for flags in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
+        tries = [["-march=native"], []]
+        if openmp:
+            tries = [["-march=native", "-fopenmp"], *tries[:1], ["-fopenmp"], *tries[1:]]
+        for flags in tries:
             run = subprocess.run(base[:1] + flags + base[1:], capture_output=True, text=True, timeout=120)
+            if run.returncode == 0 and "-fopenmp" in flags and b"libgomp" not in out.read_bytes():
+                errors.append("built with an OpenMP runtime other than libgomp")  # e.g. clang's libomp
+                continue
             if run.returncode == 0:
                 os.replace(out, target)
                 return
@@ -333,12 +353,13 @@ def load() -> ctypes.CDLL | None:
         if cc is None:
             log.info("nld_callbacks: no C compiler found; the charge sums use torch ops")
             return None
-        digest = hashlib.sha256("\0".join([SOURCE, cc, _cpu_key()]).encode()).hexdigest()[:16]
+        openmp = _openmp()
+        digest = hashlib.sha256("\0".join([SOURCE, cc, _cpu_key(), str(openmp)]).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("NLD_CALLBACKS_CACHE") or Path.home() / ".cache" / "nld_callbacks")
         target = cache / f"nld_kernel-{digest}.so"
         try:
             if not target.exists():
-                _build(cc, target)
+                _build(cc, target, openmp)
             lib = ctypes.CDLL(str(target))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.info("nld_callbacks: the charge kernel could not be built (%s); the charge sums use torch ops", e)

@@ -178,16 +178,29 @@ def test_the_kernel_is_built_once_into_its_cache(fresh_kernel, monkeypatch, tmp_
     assert kernel.load() is not None and built.stat().st_mtime_ns == mtime  # loaded, not rebuilt
 
 
+# compiler scripts: each run's arguments logged; one refusing -fopenmp, one dropping it (as a compiler
+# whose -fopenmp links another runtime than libgomp: its library is not kept)
+_LOG = 'echo "$*" >> "$(dirname "$0")/calls"'
+_REFUSE = _LOG + '\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done'
+_DROP = _LOG + '\nfor a in "$@"; do shift; [ "$a" = -fopenmp ] || set -- "$@" "$a"; done'
+
+
 @needs_kernel
-def test_a_compiler_without_openmp_builds_a_kernel_that_runs_the_parts_in_turn(fresh_kernel, monkeypatch,
-                                                                                tmp_path):
+@pytest.mark.parametrize("case", ["compiler refuses -fopenmp", "not libgomp", "torch not on libgomp"])
+def test_without_openmp_the_kernel_runs_the_parts_in_turn(fresh_kernel, monkeypatch, tmp_path, case):
     from nld_callbacks import charges
 
-    # the system compiler, refusing -fopenmp
-    _wrapped_compiler(monkeypatch, tmp_path, 'for a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done')
+    _wrapped_compiler(monkeypatch, tmp_path, _DROP if case == "not libgomp" else _REFUSE)
+    if case == "torch not on libgomp":
+        monkeypatch.setattr(kernel, "_openmp", lambda: False)
     assert kernel.load() is not None
     (built,) = (tmp_path / "cache").glob("nld_kernel-*.so")
     assert b"GOMP_parallel" not in built.read_bytes()  # built without OpenMP
+    calls = (tmp_path / "calls").read_text().splitlines()
+    tried = ["-fopenmp" in c for c in calls]
+    # the first try asks for OpenMP unless torch runs on another runtime; the library kept is the
+    # first try without it
+    assert tried == ([] if case == "torch not on libgomp" else [True]) + [False]
     X = _tensors(0, torch.float32)
     serial = ChargeLayout(GROUPS, SHAPES, kernel=True).reduce_many([(X, X)])
     monkeypatch.setattr(charges, "_KERNEL_ENTRIES_PER_THREAD", 1)
