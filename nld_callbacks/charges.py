@@ -464,10 +464,7 @@ class ChargeLayout:
         least = max((sl.slice_numel for sl in self._slabs.values()), default=1)
         self.scratch_elements = max(scratch_elements, least)
         self._plans: dict[Any, _Plan] = {}
-        self._memo: dict[Any, torch.Tensor] = {}
         self._ones_of: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self._memo_quick: set[Any] = set()
-        self._memo_refs: list[Any] = []
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self._res: dict[torch.dtype, torch.Tensor] = {}
         self._lib = _kernel.load() if kernel is not False and self.device.type == "cpu" else None
@@ -490,70 +487,8 @@ class ChargeLayout:
             other: parameter name → Y; ``None`` reduces X itself (linear charges).
             out: optional preallocated float64 vector of ``n_reductions`` entries.
         """
-        if self._memo and self._quick_key(tensors, other) in self._memo_quick:
-            hit = self._memo.get(self._content_key(tensors, other))
-            if hit is not None:
-                return hit if out is None else out.copy_(hit)
         res = self.reduce_many([(tensors, other)], out=None if out is None else out.view(1, -1))
         return res[0]
-
-    def prefetch(self, pairs: Sequence[tuple[Mapping[str, torch.Tensor | None],
-                                              Mapping[str, torch.Tensor | None] | None]]) -> torch.Tensor:
-        """Evaluate ``pairs`` now in one :meth:`reduce_many` and keep the rows until :meth:`forget`.
-
-        Meanwhile :meth:`reduce` on the same tensor contents returns the stored row. A row is found
-        by the contents of its tensors: each entry's storage address and version counter (any
-        in-place change through the tensor or a view bumps it; entries are the parameter-shaped
-        tensors themselves or their detached aliases, never reshaped views), and the tensors are
-        referenced until :meth:`forget`, so an address cannot be reused meanwhile. Writes through
-        ``.data`` bypass the version counter: keep a prefetch to one step.
-
-        Returns:
-            The ``(len(pairs), n_reductions)`` matrix (rows in the order of ``pairs``).
-
-        Example:
-            >>> import torch
-            >>> from nld_callbacks.symmetries import Member, SymmetryGroup
-            >>> g = SymmetryGroup("scale", "fc", (Member("w", axis=0),), 2, "output channel", "example")
-            >>> lay = ChargeLayout([g], {"w": (2, 2)})
-            >>> w = {"w": torch.tensor([[3.0, 4.0], [1.0, 0.0]])}
-            >>> rows = lay.prefetch([(w, w)])
-            >>> lay.reduce(w, w).data_ptr() == rows[0].data_ptr()  # served, not recomputed
-            True
-            >>> with torch.no_grad():
-            ...     _ = w["w"].mul_(2)  # an in-place change: the stored row no longer applies
-            >>> lay.reduce(w, w).tolist()
-            [100.0, 4.0]
-            >>> lay.forget()
-        """
-        self.forget()
-        rows = self.reduce_many(pairs)
-        for (X, Y), row in zip(pairs, rows):
-            self._memo[self._content_key(X, Y)] = row
-            self._memo_quick.add(self._quick_key(X, Y))
-        self._memo_refs = list(pairs)
-        return rows
-
-    def forget(self) -> None:
-        """Drop the rows of :meth:`prefetch` and the references to its tensors."""
-        self._memo = {}
-        self._memo_quick: set[Any] = set()
-        self._memo_refs = []
-
-    def _content_key(self, X: Mapping[str, torch.Tensor | None], Y: Mapping[str, torch.Tensor | None] | None) -> Any:
-        # storage address and version counter of every entry: equal keys mean equal contents while
-        # the memo references the tensors (an in-place change bumps the version)
-        xs = tuple(None if t is None else (t.data_ptr(), t._version) for t in map(X.get, self.params))
-        if Y is None:
-            return xs, None
-        return xs, tuple(None if t is None else (t.data_ptr(), t._version) for t in map(Y.get, self.params))
-
-    def _quick_key(self, X: Mapping[str, torch.Tensor | None], Y: Mapping[str, torch.Tensor | None] | None) -> Any:
-        # a cheap filter before the full key: the first parameter's entries and the mapping sizes
-        first = self.params[0]
-        x, y = X.get(first), None if Y is None else Y.get(first)
-        return (None if x is None else x.data_ptr(), len(X), None if Y is None else (None if y is None else
-                y.data_ptr(), len(Y)))
 
     def reduce_many(self, pairs: Sequence[tuple[Mapping[str, torch.Tensor | None],
                                                  Mapping[str, torch.Tensor | None] | None]],

@@ -249,22 +249,3 @@ def test_op_count_does_not_grow_with_depth():
 def test_scratch_elements_is_validated():
     with pytest.raises(ValueError, match="scratch_elements"):
         ChargeLayout(GROUPS, SHAPES, scratch_elements=0)
-
-
-def test_prefetch_serves_rows_until_an_in_place_change():
-    X, Y = _tensors(0), _tensors(1)
-    lay = ChargeLayout(GROUPS, SHAPES)
-    rows = lay.prefetch([(X, Y), (Y, Y)])
-    detached = {n: t.detach() for n, t in X.items()}  # other tensor objects, same contents
-    def served(a, b):
-        return a.data_ptr() == b.data_ptr()
-
-    assert served(lay.reduce(detached, Y), rows[0]) and served(lay.reduce(Y, Y), rows[1])
-    assert not served(lay.reduce(Y, X), rows[0])  # a different product is computed
-    X["conv.weight"].mul_(3.0)
-    fresh = lay.reduce(X, Y)
-    torch.testing.assert_close(fresh, ChargeLayout(GROUPS, SHAPES).reduce(X, Y), rtol=0, atol=0)
-    assert not torch.equal(fresh, rows[0])
-    lay.forget()
-    again = lay.reduce(Y, Y)
-    assert not served(again, rows[1]) and torch.equal(again, rows[1])
