@@ -309,12 +309,15 @@ class _KernelPlan:
     """
 
     jobs: Any  # ctypes int64 array
-    n_jobs: int
     slots: list[tuple[int, int]]
     zero: bool
     #: per job: its offset and length in ``jobs``, and the tensor entries it reads
     spans: list[tuple[int, int, int]]
     _parts: dict[int, tuple[int, Any, Any, list[Any]]] = field(default_factory=dict)
+
+    @property
+    def n_jobs(self) -> int:
+        return len(self.spans)
 
     def parts(self, threads: int) -> tuple[int, Any, Any, list[Any]] | None:
         """The jobs shared out over up to ``threads`` threads, for ``nld_run_parts``; ``None``: one thread.
@@ -628,7 +631,7 @@ class ChargeLayout:
         slots: list[tuple[int, int]] = []
         table: list[int] = []
         spans: list[tuple[int, int, int]] = []
-        n_jobs = written = 0
+        written = 0
         for i, p in enumerate(self.params):
             asks: list[tuple[int, int, int | None]] = []  # (pair, first tensor, second tensor or None)
             for k, ends in enumerate(form):
@@ -694,9 +697,8 @@ class ChargeLayout:
                 table += [A, J, C, K, code, J // red.size, 1 if red0 is None else A // red0.size,
                           *range(first, first + K), *outs, *outs0]
                 spans.append((start, len(table) - start, A * J * C * K))
-                n_jobs += 1
         jobs = (ctypes.c_int64 * len(table))(*table)
-        return _KernelPlan(jobs, n_jobs, slots, zero=written != len(form) * R, spans=spans)
+        return _KernelPlan(jobs, slots, zero=written != len(form) * R, spans=spans)
 
     # ------------------------------------------------------------------ fused evaluation
     def _buffer(self, store: dict[torch.dtype, torch.Tensor], dtype: torch.dtype, size: int) -> torch.Tensor:
