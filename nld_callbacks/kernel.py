@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = r"""
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__) || defined(__FMA__)
@@ -215,19 +214,17 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
     /* columns (C < 8): JB outputs j at a time, NB rows i per visit, i in order; with R the rows'
        sums on the way (W lanes along j, then the JB-blocks in order). A whole visit of NB rows is
        one call with NB constant: the sums stay in registers (a partial visit would spill them) */
-    double (*tmp)[JB] = malloc(sizeof(double[QMAX][JB]));
-    if (!tmp) return;
+    double tmp[QMAX][JB]; /* 112 KiB of stack (a failed malloc here would have left the sums 0) */
     for (int64_t j0 = 0; j0 < J; j0 += JB) {
         const int64_t n = j0 + JB < J ? JB : J - j0;
         const int64_t nw = C == 1 ? n & ~(int64_t)(W - 1) : 0;
-        memset(tmp, 0, sizeof(double[QMAX][JB]));
+        memset(tmp, 0, sizeof(double[JB]) * Q);
         int64_t i0 = 0;
         for (; i0 + NB <= A; i0 += NB) cols(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, NB, K, L, R, S, dbl);
         for (; i0 < A; i0++) col1(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, K, L, R, S, dbl);
         for (int q = 0; q < Q; q++)
             if (out[q] >= 0) for (int64_t jj = 0; jj < n; jj++) res[out[q] + (j0 + jj) / per] += tmp[q][jj];
     }
-    free(tmp);
 }
 
 /* one specialised copy per (dtype, R, L, S, K): the sums' loops unrolled, their accumulators in
