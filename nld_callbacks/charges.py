@@ -125,6 +125,8 @@ class _Reduction:
 
 # The dense factor of one sparse product on the CPU, at most (its column-major copy is made per call).
 _APPLY_BYTES = 1 << 19
+# the compiled kernel's operations over the groups' runs of neurons (``nld_runs``)
+_RUN_OPS = {"sum": 0, "amax": 1, "amin": 2}
 
 # A chunk this large costs more in memory traffic (the fused path copies before it multiplies)
 # than one more dispatched op: it is multiplied straight into the scratch buffer instead.
@@ -371,7 +373,9 @@ class ChargeLayout:
             evaluated in slabs of dim-0 entries, each product once for all of its reductions.
         kernel: evaluate CPU float32/float64 products with the compiled kernel of
             :mod:`nld_callbacks.kernel` (every product and linear sum of a tensor in one read of
-            it, exact products, float64 sums; nothing allocated). ``None`` (default): where it
+            it, exact products, float64 sums; nothing allocated), and map float64 CPU rows onto
+            the group neurons and groups with it (:meth:`to_groups`, :meth:`per_group`: one call
+            for any number of rows, which are read where they are). ``None`` (default): where it
             can be built and the call's tensors suit it (contiguous, on the CPU, float32 or
             float64, at most four distinct tensors per parameter), torch ops otherwise; ``False``:
             torch ops only; ``True``: the kernel or an error if it cannot be built.
@@ -408,6 +412,7 @@ class ChargeLayout:
             raise ValueError(f"Expected every grouped parameter to exist in the model, but {missing} do not")
         index: dict[tuple[str, int | None, int | None], _Reduction] = {}
         src, dst, sign, goff = [], [], [], []
+        runs: list[tuple[int, int, int]] = []
         start = 0
         gstart = 0
         for g in self.groups:
@@ -424,6 +429,7 @@ class ChargeLayout:
                         f"Group {g.key!r}: member {m.param!r} gives {r.size} neurons at offset {m.offset}, "
                         f"more than the group's n_neurons={g.n_neurons}"
                     )
+                runs.append((gstart + m.offset, r.start, r.size))
                 src.extend(range(r.start, r.start + r.size))
                 dst.extend(range(gstart + m.offset, gstart + m.offset + r.size))
                 sign.extend([float(m.sign)] * r.size)
@@ -475,6 +481,13 @@ class ChargeLayout:
             raise RuntimeError("The compiled kernel is not available: it needs a C compiler (`cc` or $CC) and "
                                "NLD_CALLBACKS_KERNEL not set to 0; pass kernel=None to fall back to torch ops")
         self._kplans: dict[Any, _KernelPlan | None] = {}
+        # the compiled maps' plan (host): each member's (first neuron, first reduction, length), its
+        # sign, and the groups' bounds on the neuron vector
+        self._runs = torch.tensor(runs, dtype=torch.long).reshape(-1, 3)
+        self._run_sign = {"signed": torch.tensor([float(m.sign) for g in self.groups for m in g.members],
+                                                 dtype=torch.float64),
+                          "unsigned": torch.ones(len(runs), dtype=torch.float64)}
+        self._bounds = torch.tensor([*goff, gstart], dtype=torch.long)
 
     @property
     def n_plans(self) -> int:
@@ -927,6 +940,39 @@ class ChargeLayout:
                 self._matrices[key] = m
         return m
 
+    def _map_rows(self, op: str, values: torch.Tensor | Sequence[torch.Tensor], n: int, n_in: int,
+                  n_out: int) -> torch.Tensor | None:
+        """A map of float64 CPU rows with the compiled kernel, in one call; ``None`` if they do not suit it.
+
+        ``op``: ``signed``/``unsigned`` (:meth:`to_groups`: each member's reductions added onto its
+        run of neurons, members in order), or ``sum``/``amax``/``amin`` over each group's run (see
+        :mod:`nld_callbacks.kernel`). The rows are read where they are: nothing is stacked.
+        """
+        f64 = torch.float64
+        if isinstance(values, torch.Tensor):
+            if values.dtype is not f64 or not values.is_cpu:
+                return None
+            flat = values.reshape(n, n_in)
+            if flat.stride(-1) != 1:
+                flat = flat.contiguous()
+            base, step = flat.data_ptr(), flat.stride(0) * flat.element_size()
+            addresses = [base + i * step for i in range(n)]
+        else:
+            rows = [r if r.is_contiguous() else r.contiguous() for r in values
+                    if r.dtype is f64 and r.is_cpu and r.shape == (n_in,)]
+            if len(rows) != n:
+                return None
+            addresses = [r.data_ptr() for r in rows]
+        out = torch.empty(n, n_out, dtype=f64)
+        ptrs = (ctypes.c_int64 * n)(*addresses)
+        assert self._lib is not None
+        if op in self._run_sign:
+            self._lib.nld_map(n, ptrs, n_out, len(self._runs), self._runs.data_ptr(), self._run_sign[op].data_ptr(),
+                              out.data_ptr())
+        else:
+            self._lib.nld_runs(_RUN_OPS[op], n, ptrs, n_out, self._bounds.data_ptr(), out.data_ptr())
+        return out
+
     def _apply(self, which: str, values: torch.Tensor | Sequence[torch.Tensor], n_out: int) -> torch.Tensor:
         # one sparse product for any number of rows: V @ Mᵀ
         if isinstance(values, torch.Tensor):
@@ -934,6 +980,10 @@ class ChargeLayout:
         else:  # rows stacked a few at a time (the whole stack is never made on the CPU)
             lead, flat = torch.Size([len(values)]), values[0].view(1, -1)
         n, n_in = lead.numel(), flat.shape[1]
+        if self._lib is not None:
+            mapped = self._map_rows("sum" if which == "groups" else which, values, n, n_in, n_out)
+            if mapped is not None:
+                return mapped.reshape(*lead, n_out)
 
         def rows(a: int, b: int) -> torch.Tensor:
             if isinstance(values, torch.Tensor):
@@ -958,7 +1008,9 @@ class ChargeLayout:
 
         One sparse matrix product whatever the number of groups (on the CPU one per block of a few
         rows). ``values`` may also be a sequence of per-reduction vectors, the rows of the result,
-        stacked a block at a time.
+        stacked a block at a time. With the compiled kernel, float64 CPU rows take one call instead,
+        which adds each member's reductions onto its run of the group's neurons (members in order)
+        and stacks nothing.
         """
         return self._apply("unsigned" if unsigned else "signed", values, self.n_neurons)
 
@@ -977,13 +1029,18 @@ class ChargeLayout:
         """Aggregate group-neuron values (last dim) per group: ``sum``, ``mean``, ``amax``, ``amin``.
 
         Sums and means are one sparse matrix product; ``amax``/``amin`` one segment reduction
-        (groups are contiguous ranges of the group-neuron vector).
+        (groups are contiguous ranges of the group-neuron vector). With the compiled kernel, float64
+        CPU values take one call over those ranges (a NaN gives NaN, as ``segment_reduce`` does).
         """
         if reduce in ("sum", "mean"):
             out = self._apply("groups", values, len(self.groups))
             return out / self._group_sizes.to(values.dtype) if reduce == "mean" else out
         if reduce not in ("amax", "amin"):
             raise ValueError(f"Expected `reduce` to be one of sum, mean, amax, amin but got {reduce!r}")
+        if self._lib is not None:
+            runs = self._map_rows(reduce, values, values.shape[:-1].numel(), values.shape[-1], len(self.groups))
+            if runs is not None:
+                return runs.reshape(*values.shape[:-1], len(self.groups))
         lengths = self._group_sizes.expand(*values.shape[:-1], len(self.groups))
         return torch.segment_reduce(values, "max" if reduce == "amax" else "min", lengths=lengths,
                                     axis=values.dim() - 1, unsafe=True)

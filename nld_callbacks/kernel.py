@@ -1,4 +1,4 @@
-"""A compiled CPU kernel for the per-neuron sums of :class:`~nld_callbacks.charges.ChargeLayout`.
+"""A compiled CPU kernel for the per-neuron sums and maps of :class:`~nld_callbacks.charges.ChargeLayout`.
 
 Torch's CPU ops evaluate one product ``X ⊙ Y`` per op: each product reads both factors and
 writes and reads back a temporary, so the five products of a tracked step read every parameter,
@@ -31,6 +31,11 @@ is not asked for last). Each product is added with one fused multiply-add (the p
 one rounding per addition), and each sum runs in a fixed order (8 lanes along ``c`` for rows of 8
 or more entries, 4 on CPUs without AVX-512, then ``i`` in order): the same inputs give the same
 bits, in every job that asks for the sum.
+
+Two more calls map float64 rows for the layout (each row read where it is, nothing stacked):
+``nld_map`` adds each member's run of per-reduction values, times its sign, onto its run of group
+neurons (members in order, onto zeros), and ``nld_runs`` sums, or takes the maximum or minimum of,
+each group's run of neurons (the sum with four running sums, added pairwise; a NaN gives NaN).
 
 ``nld_run_parts(n_parts, n_jobs, tables, ptrs, res)`` runs ``n_parts`` such tables at once, one per
 OpenMP thread. The kernel is built with OpenMP where torch itself runs on GNU ``libgomp`` (its
@@ -263,6 +268,55 @@ int64_t nld_run(int64_t n_jobs, const int64_t *ptrs, const int64_t *jobs, double
     return jb - jobs;
 }
 
+/* the layout's map of float64 rows from reductions to group neurons: out[r] = 0, then for each segment
+   (d, a, n) in turn out[r][d + i] += s · x_r[a + i] for i < n, s its sign (a member's reductions land
+   on a run of its group's neurons), for the n_rows input rows at the addresses rows[r] */
+void nld_map(int64_t n_rows, const int64_t *rows, int64_t n_out, int64_t n_seg, const int64_t *seg,
+             const double *sign, double *out) {
+    for (int64_t r = 0; r < n_rows; r++) {
+        const double *x = (const double *)rows[r];
+        double *restrict o = out + r * n_out;
+        memset(o, 0, n_out * sizeof(double));
+        for (int64_t q = 0; q < n_seg; q++) {
+            const double *restrict xs = x + seg[3 * q + 1];
+            double *restrict os = o + seg[3 * q];
+            const double s = sign[q];
+            for (int64_t i = 0; i < seg[3 * q + 2]; i++) os[i] += s * xs[i];
+        }
+    }
+}
+
+/* per run [bounds[g], bounds[g + 1]) of each float64 row: its sum (op 0: four running sums over
+   i mod 4, added pairwise, then the rest in order), maximum (1) or minimum (2); a NaN gives NaN, an
+   empty run 0, −inf or +inf */
+void nld_runs(int64_t op, int64_t n_rows, const int64_t *rows, int64_t n_runs, const int64_t *bounds,
+              double *out) {
+    for (int64_t r = 0; r < n_rows; r++) {
+        const double *x = (const double *)rows[r];
+        for (int64_t g = 0; g < n_runs; g++) {
+            int64_t i = bounds[g], e = bounds[g + 1];
+            double v;
+            if (op == 0) {
+                double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+                for (; i + 4 <= e; i += 4) {
+                    s0 += x[i];
+                    s1 += x[i + 1];
+                    s2 += x[i + 2];
+                    s3 += x[i + 3];
+                }
+                v = (s0 + s1) + (s2 + s3);
+                for (; i < e; i++) v += x[i];
+            } else {
+                v = op == 1 ? -__builtin_inf() : __builtin_inf();
+                /* a larger (smaller) entry or a NaN replaces v, nothing replaces a NaN */
+                for (; i < e; i++)
+                    if (v == v && (op == 1 ? !(x[i] <= v) : !(x[i] >= v))) v = x[i];
+            }
+            out[r * n_runs + g] = v;
+        }
+    }
+}
+
 /* n_parts job tables at once, one per thread of the OpenMP team (torch's own threads where torch
    uses the same runtime; one after the other where the build has no OpenMP). No two jobs may write
    one output: each sum is then what nld_run gives it, whatever the split. */
@@ -366,6 +420,12 @@ def load() -> ctypes.CDLL | None:
         lib.nld_run_parts.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p]
         lib.nld_run_parts.restype = None
+        lib.nld_map.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_void_p]
+        lib.nld_map.restype = None
+        lib.nld_runs.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_void_p]
+        lib.nld_runs.restype = None
         _lib = lib
         return lib
 

@@ -327,3 +327,96 @@ def test_jobs_shared_out_over_threads_give_the_same_bits(monkeypatch, threads):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     for _ in range(3):
         assert torch.equal(lay.reduce_many(pairs), serial)
+
+
+def _runs_sum(xs):
+    """A run's sum as ``nld_runs`` documents it: four running sums over i mod 4, added pairwise, then the rest."""
+    s = [0.0] * 4
+    whole = len(xs) // 4 * 4
+    for i in range(whole):
+        s[i % 4] += xs[i]
+    v = (s[0] + s[1]) + (s[2] + s[3])
+    for x in xs[whole:]:
+        v += x
+    return v
+
+
+@needs_kernel
+def test_compiled_maps_by_hand():
+    """``nld_map`` and ``nld_runs`` as documented in nld_callbacks.kernel, against outputs written out."""
+    import ctypes
+
+    lib = kernel.load()
+    x0 = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    x1 = torch.tensor([-1.0, 0.5, 0.25, 8.0, 0.0], dtype=torch.float64)
+    rows = (ctypes.c_int64 * 2)(x0.data_ptr(), x1.data_ptr())
+    # segments (first output, first input, length): inputs 0-1 onto outputs 0-1, inputs 2-4 onto 1-3
+    # with sign −1, input 4 onto output 0 again; output 4 has none
+    seg = torch.tensor([[0, 0, 2], [1, 2, 3], [0, 4, 1]])
+    sign = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    out = torch.full((2, 5), math.nan, dtype=torch.float64)
+    lib.nld_map(2, rows, 5, 3, seg.data_ptr(), sign.data_ptr(), out.data_ptr())
+    assert out.tolist() == [[1 + 2 * 5, 2 - 3, -4, -5, 0], [-1 + 0, 0.5 - 0.25, -8, -0.0, 0]]
+    # runs [0, 2), [2, 2) (empty), [2, 5) of the same rows, x0[3] made NaN for the maximum and minimum
+    bounds = torch.tensor([0, 2, 2, 5])
+    got = {}
+    for op, name in enumerate(("sum", "amax", "amin")):
+        res = torch.full((2, 3), 7.0, dtype=torch.float64)
+        lib.nld_runs(op, 2, rows, 3, bounds.data_ptr(), res.data_ptr())
+        got[name] = res.tolist()
+        x0[3] = math.nan
+    assert got["sum"] == [[3.0, 0.0, 12.0], [-0.5, 0.0, 8.25]]
+    assert got["amax"][1] == [0.5, -math.inf, 8.0] and got["amin"][1] == [-1.0, math.inf, 0.0]
+    assert got["amax"][0][:2] == [2.0, -math.inf] and math.isnan(got["amax"][0][2])
+    assert got["amin"][0][:2] == [1.0, math.inf] and math.isnan(got["amin"][0][2])
+
+
+@needs_kernel
+def test_compiled_run_sums_in_their_documented_order():
+    """Bitwise the documented order of ``nld_runs`` on runs of every length mod 4 (sums that rounding tells apart)."""
+    import ctypes
+
+    lib = kernel.load()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, generator=gen, dtype=torch.float64) * torch.logspace(0, 12, 200, dtype=torch.float64)
+    bounds = torch.tensor([0, 1, 3, 6, 10, 19, 38, 39, 120, 200])
+    res = torch.empty(len(bounds) - 1, dtype=torch.float64)
+    lib.nld_runs(0, 1, (ctypes.c_int64 * 1)(x.data_ptr()), len(res), bounds.data_ptr(), res.data_ptr())
+    xs = x.tolist()
+    expected = [_runs_sum(xs[a:b]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+    assert res.tolist() == expected
+    assert expected != [math.fsum(xs[a:b]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
+@needs_kernel
+def test_compiled_maps_match_the_reference_and_torch_maps():
+    """``to_groups``/``per_group`` of float64 CPU rows in the kernel: the per-group reference loop, torch's maps."""
+    lay, torch_maps = ChargeLayout(GROUPS, SHAPES), ChargeLayout(GROUPS, SHAPES, kernel=False)
+    pairs = [(_tensors(s), _tensors(s + 10)) for s in range(3)]
+    rows = lay.reduce_many(pairs)
+    mapped = lay.to_groups(rows)
+    for (X, Y), got in zip(pairs, mapped):
+        for grp, part in zip(GROUPS, lay.split(got)):
+            torch.testing.assert_close(part, bilinear_reference(grp, X, Y), rtol=1e-13, atol=1e-13, msg=grp.key)
+    for unsigned in (False, True):
+        ref = torch_maps.to_groups(rows, unsigned=unsigned)
+        torch.testing.assert_close(lay.to_groups(rows, unsigned=unsigned), ref, rtol=0, atol=1e-14)
+        # the same bits from a list of rows, a column of a matrix among them, and with leading dims
+        listed = [rows[0], rows.T.contiguous().T[1], rows[2]]
+        assert torch.equal(lay.to_groups(listed, unsigned=unsigned), lay.to_groups(rows, unsigned=unsigned))
+        assert torch.equal(lay.to_groups(rows.view(3, 1, -1), unsigned=unsigned),
+                           lay.to_groups(rows, unsigned=unsigned).view(3, 1, -1))
+    mapped[1, 4] = math.nan
+    for reduce in ("sum", "mean", "amax", "amin"):
+        got = lay.per_group(mapped.view(3, 1, -1), reduce)
+        assert got.shape == (3, 1, len(GROUPS))
+        torch.testing.assert_close(got.view(3, -1), torch_maps.per_group(mapped, reduce), rtol=1e-14, atol=1e-14,
+                                   equal_nan=True)
+        for i in range(len(mapped)):
+            for g, part in enumerate(lay.split(mapped[i])):
+                ref = {"sum": part.sum(), "mean": part.mean(), "amax": part.max(), "amin": part.min()}[reduce]
+                torch.testing.assert_close(got[i, 0, g], ref, rtol=1e-14, atol=1e-14, equal_nan=True)
+    assert torch.isnan(lay.per_group(mapped, "amax")[1, 0]) and lay._matrices == {}, "expected the compiled maps"
+    # rows of another dtype go to torch's maps
+    torch.testing.assert_close(lay.to_groups(rows.float()), torch_maps.to_groups(rows.float()))
+    assert lay._matrices
