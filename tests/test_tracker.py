@@ -108,6 +108,20 @@ def _reference_step(groups, named, opt, theta0, buf0, grads, theta1, buf1, first
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_predictions_match_float64_simulation(case, device):
+    tracker = _check_against_simulation(case, device)
+    if tracker.layout._lib is not None:  # every map of the step in the compiled kernel
+        assert not tracker.layout._matrices
+
+
+@pytest.mark.parametrize("case", [CASES[4], CASES[10]], ids=[CASES[4]["id"], CASES[10]["id"]])
+def test_predictions_match_float64_simulation_with_torch_ops_only(case, monkeypatch):
+    # the CPU path where no compiler is found: torch ops for the sums and torch's sparse maps
+    monkeypatch.setenv("NLD_CALLBACKS_KERNEL", "0")
+    tracker = _check_against_simulation(case, torch.device("cpu"))
+    assert tracker.layout._lib is None and tracker.layout._matrices
+
+
+def _check_against_simulation(case, device):
     torch.manual_seed(0)
     x, y = (t.to(device) for t in synthetic_classification(n=128, dtype=torch.float64))
     model = MLPBN().double().to(device)
@@ -153,6 +167,7 @@ def test_predictions_match_float64_simulation(case, device):
                 torch.testing.assert_close(pred, Q0 + sym, **tol, msg=msg)
             worst_e = max(worst_e, float(e.abs().max()))
     assert worst_e < 4.0, f"unexplained residual |e| = {worst_e} above the float64 floor"
+    return tracker
 
 
 def test_breaking_share_measures_bn_eps():
