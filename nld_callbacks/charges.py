@@ -411,8 +411,11 @@ class ChargeLayout:
         if missing:
             raise ValueError(f"Expected every grouped parameter to exist in the model, but {missing} do not")
         index: dict[tuple[str, int | None, int | None], _Reduction] = {}
-        src, dst, sign, goff = [], [], [], []
+        goff: list[int] = []
+        # each member's reductions land on a run of its group's neurons: (first neuron, first
+        # reduction, length), and the member's sign
         runs: list[tuple[int, int, int]] = []
+        signs: list[float] = []
         start = 0
         gstart = 0
         for g in self.groups:
@@ -430,9 +433,7 @@ class ChargeLayout:
                         f"more than the group's n_neurons={g.n_neurons}"
                     )
                 runs.append((gstart + m.offset, r.start, r.size))
-                src.extend(range(r.start, r.start + r.size))
-                dst.extend(range(gstart + m.offset, gstart + m.offset + r.size))
-                sign.extend([float(m.sign)] * r.size)
+                signs.append(float(m.sign))
             gstart += g.n_neurons
         self.n_reductions = start
         self.n_neurons = gstart
@@ -444,12 +445,16 @@ class ChargeLayout:
         dev = self.device
         #: whether any reduction feeds each group neuron (host): not for the other ranks' rows of
         #: a sharded parameter
-        self.covered = torch.bincount(torch.tensor(dst, dtype=torch.long), minlength=gstart) > 0
-        self.covers_all = len(set(dst)) == gstart
-        # the sparse maps' entries, on the host: the maps are built there (see _matrix)
-        self._src = torch.tensor(src, dtype=torch.long)
-        self._dst = torch.tensor(dst, dtype=torch.long)
-        self._sign = torch.tensor(sign, dtype=torch.float64)
+        self.covered = torch.zeros(gstart, dtype=torch.bool)
+        for first, _, n in runs:
+            self.covered[first : first + n] = True
+        self.covers_all = bool(self.covered.all())
+        # the maps' plan, on the host (the compiled maps read it; torch's sparse maps are built from
+        # it, see _matrix), and the groups' bounds on the neuron vector
+        self._runs = torch.tensor(runs, dtype=torch.long).reshape(-1, 3)
+        self._run_sign = {"signed": torch.tensor(signs, dtype=torch.float64),
+                          "unsigned": torch.ones(len(runs), dtype=torch.float64)}
+        self._bounds = torch.tensor([*goff, gstart], dtype=torch.long)
         sizes = torch.tensor([g.n_neurons for g in self.groups], dtype=torch.long)
         self._group_of_neuron = torch.repeat_interleave(torch.arange(len(self.groups)), sizes)
         self.group_index = self._group_of_neuron.to(dev)
@@ -481,13 +486,6 @@ class ChargeLayout:
             raise RuntimeError("The compiled kernel is not available: it needs a C compiler (`cc` or $CC) and "
                                "NLD_CALLBACKS_KERNEL not set to 0; pass kernel=None to fall back to torch ops")
         self._kplans: dict[Any, _KernelPlan | None] = {}
-        # the compiled maps' plan (host): each member's (first neuron, first reduction, length), its
-        # sign, and the groups' bounds on the neuron vector
-        self._runs = torch.tensor(runs, dtype=torch.long).reshape(-1, 3)
-        self._run_sign = {"signed": torch.tensor([float(m.sign) for g in self.groups for m in g.members],
-                                                 dtype=torch.float64),
-                          "unsigned": torch.ones(len(runs), dtype=torch.float64)}
-        self._bounds = torch.tensor([*goff, gstart], dtype=torch.long)
 
     @property
     def n_plans(self) -> int:
@@ -916,10 +914,12 @@ class ChargeLayout:
                 rows, cols = self._group_of_neuron, torch.arange(self.n_neurons)
                 shape, vals = (len(self.groups), self.n_neurons), torch.ones(self.n_neurons)
             else:
-                rows, cols, vals = self._dst, self._src, self._sign
+                # every entry of the runs, member by member
+                first, start, length = self._runs.unbind(1)
+                member = torch.repeat_interleave(torch.arange(len(length)), length)
+                within = torch.arange(len(member)) - (length.cumsum(0) - length)[member]
+                rows, cols, vals = first[member] + within, start[member] + within, self._run_sign[which][member]
                 shape = (self.n_neurons, self.n_reductions)
-                if which == "unsigned":
-                    vals = torch.ones_like(vals)
             with warnings.catch_warnings():  # torch calls its CSR support "beta" at every construction
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
                 # (and some releases warn that checks are off whatever a construction asks for)
