@@ -1021,8 +1021,10 @@ class ChargeLayout:
         time: the per-reduction intermediate is never larger than ``rows_at_once`` rows.
         """
         flat = values.reshape(-1, values.shape[-1])
-        out = torch.cat([self.to_groups(rows.index_select(1, self.param_of_reduction), unsigned=True)
-                         for rows in flat.split(rows_at_once)])
+        out = flat.new_empty(len(flat), self.n_neurons)
+        for a in range(0, len(flat), rows_at_once):
+            block = flat[a : a + rows_at_once].index_select(1, self.param_of_reduction)
+            out[a : a + rows_at_once] = self.to_groups(block, unsigned=True)
         return out.reshape(*values.shape[:-1], self.n_neurons)
 
     def per_group(self, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:

@@ -1210,7 +1210,8 @@ class NoetherTracker:
         assert lay is not None
         names = ("adaptive", "eff_factor", "eq_numel", "relax", "eq_coef", "eq_angle", "rms_decay")
         rows = [per_param[_COEF_ROWS.index(n)] for n in names] + list(per_param[len(_COEF_ROWS) :])
-        per_neuron = lay.params_to_groups(torch.stack(rows)) / info.count
+        per_neuron = lay.params_to_groups(torch.stack(rows))
+        per_neuron /= info.count
         g = dict(zip(names, per_neuron))
         k = len(names)
         rms_decay = torch.where(info.scale, g["rms_decay"], torch.nan)
@@ -1222,7 +1223,9 @@ class NoetherTracker:
         rates = torch.stack([g["eff_factor"], 1.0 / g["relax"].clamp_min(1.0), g["eq_coef"]])
         prop = torch.where(info.linear, per_neuron[k + 6 : k + 12], per_neuron[k : k + 6])
         flags = torch.stack([g["adaptive"] > 0.5, torch.isfinite(rms_decay)])
-        return {"adaptive": flags[0], "eq_numel": g["eq_numel"] > 0.5, "flags": flags.to(torch.float64),
+        eq_numel = g["eq_numel"] > 0.5
+        del g, per_neuron, rms_decay  # the all-rows table goes before the means (the first step's peak)
+        return {"adaptive": flags[0], "eq_numel": eq_numel, "flags": flags.to(torch.float64),
                 "eff_factor": rates[0], "alpha": rates[1], "eq_coef": rates[2], "prop": prop,
                 "means": self._finite_mean(const)}
 
