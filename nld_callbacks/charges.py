@@ -980,6 +980,10 @@ class ChargeLayout:
         else:  # rows stacked a few at a time (the whole stack is never made on the CPU)
             lead, flat = torch.Size([len(values)]), values[0].view(1, -1)
         n, n_in = lead.numel(), flat.shape[1]
+        expected = self.n_neurons if which == "groups" else self.n_reductions
+        if n_in != expected:
+            kind = "group-neuron" if which == "groups" else "per-reduction"
+            raise ValueError(f"Expected {kind} values of length {expected} (the last dim) but got {n_in}")
         if self._lib is not None:
             mapped = self._map_rows("sum" if which == "groups" else which, values, n, n_in, n_out)
             if mapped is not None:
@@ -1039,6 +1043,9 @@ class ChargeLayout:
             return out / self._group_sizes.to(values.dtype) if reduce == "mean" else out
         if reduce not in ("amax", "amin"):
             raise ValueError(f"Expected `reduce` to be one of sum, mean, amax, amin but got {reduce!r}")
+        if values.shape[-1] != self.n_neurons:
+            raise ValueError(f"Expected group-neuron values of length {self.n_neurons} (the last dim) but got "
+                             f"{values.shape[-1]}")
         if self._lib is not None:
             runs = self._map_rows(reduce, values, values.shape[:-1].numel(), values.shape[-1], len(self.groups))
             if runs is not None:

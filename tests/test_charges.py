@@ -249,3 +249,17 @@ def test_op_count_does_not_grow_with_depth():
 def test_scratch_elements_is_validated():
     with pytest.raises(ValueError, match="scratch_elements"):
         ChargeLayout(GROUPS, SHAPES, scratch_elements=0)
+
+
+@pytest.mark.parametrize("kernel", [None, False], ids=["kernel_maps", "torch_maps"])
+def test_values_of_the_wrong_length_are_refused(kernel):
+    # the compiled maps read as many entries as the layout has: a shorter row must never reach them
+    lay = ChargeLayout(GROUPS, SHAPES, kernel=kernel)
+    short = torch.ones(lay.n_reductions - 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"per-reduction values of length {lay.n_reductions}"):
+        lay.to_groups(short)
+    with pytest.raises(ValueError, match="per-reduction"):
+        lay.to_groups([short, short], unsigned=True)
+    for reduce in ("sum", "amax"):
+        with pytest.raises(ValueError, match=f"group-neuron values of length {lay.n_neurons}"):
+            lay.per_group(torch.ones(2, lay.n_neurons - 1, dtype=torch.float64), reduce)
