@@ -974,7 +974,7 @@ class ChargeLayout:
         return out
 
     def _apply(self, which: str, values: torch.Tensor | Sequence[torch.Tensor], n_out: int) -> torch.Tensor:
-        # one sparse product for any number of rows: V @ Mᵀ
+        # one call of the compiled maps, or one sparse product, for any number of rows: V @ Mᵀ
         if isinstance(values, torch.Tensor):
             lead, flat = values.shape[:-1], values.reshape(-1, values.shape[-1])
         else:  # rows stacked a few at a time (the whole stack is never made on the CPU)

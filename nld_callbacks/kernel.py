@@ -268,7 +268,7 @@ int64_t nld_run(int64_t n_jobs, const int64_t *ptrs, const int64_t *jobs, double
     return jb - jobs;
 }
 
-/* the layout's map of float64 rows from reductions to group neurons: out[r] = 0, then for each segment
+/* the layout's map of float64 rows from reductions to group neurons: out[r] = 0, then for each run
    (d, a, n) in turn out[r][d + i] += s · x_r[a + i] for i < n, s its sign (a member's reductions land
    on a run of its group's neurons), for the n_rows input rows at the addresses rows[r] */
 void nld_map(int64_t n_rows, const int64_t *rows, int64_t n_out, int64_t n_seg, const int64_t *seg,
