@@ -271,17 +271,17 @@ int64_t nld_run(int64_t n_jobs, const int64_t *ptrs, const int64_t *jobs, double
 /* the layout's map of float64 rows from reductions to group neurons: out[r] = 0, then for each run
    (d, a, n) in turn out[r][d + i] += s · x_r[a + i] for i < n, s its sign (a member's reductions land
    on a run of its group's neurons), for the n_rows input rows at the addresses rows[r] */
-void nld_map(int64_t n_rows, const int64_t *rows, int64_t n_out, int64_t n_seg, const int64_t *seg,
+void nld_map(int64_t n_rows, const int64_t *rows, int64_t n_out, int64_t n_runs, const int64_t *runs,
              const double *sign, double *out) {
     for (int64_t r = 0; r < n_rows; r++) {
         const double *x = (const double *)rows[r];
         double *restrict o = out + r * n_out;
         memset(o, 0, n_out * sizeof(double));
-        for (int64_t q = 0; q < n_seg; q++) {
-            const double *restrict xs = x + seg[3 * q + 1];
-            double *restrict os = o + seg[3 * q];
+        for (int64_t q = 0; q < n_runs; q++) {
+            const double *restrict xs = x + runs[3 * q + 1];
+            double *restrict os = o + runs[3 * q];
             const double s = sign[q];
-            for (int64_t i = 0; i < seg[3 * q + 2]; i++) os[i] += s * xs[i];
+            for (int64_t i = 0; i < runs[3 * q + 2]; i++) os[i] += s * xs[i];
         }
     }
 }

@@ -350,12 +350,12 @@ def test_compiled_maps_by_hand():
     x0 = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
     x1 = torch.tensor([-1.0, 0.5, 0.25, 8.0, 0.0], dtype=torch.float64)
     rows = (ctypes.c_int64 * 2)(x0.data_ptr(), x1.data_ptr())
-    # segments (first output, first input, length): inputs 0-1 onto outputs 0-1, inputs 2-4 onto 1-3
+    # runs (first output, first input, length): inputs 0-1 onto outputs 0-1, inputs 2-4 onto 1-3
     # with sign −1, input 4 onto output 0 again; output 4 has none
-    seg = torch.tensor([[0, 0, 2], [1, 2, 3], [0, 4, 1]])
+    runs = torch.tensor([[0, 0, 2], [1, 2, 3], [0, 4, 1]])
     sign = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
     out = torch.full((2, 5), math.nan, dtype=torch.float64)
-    lib.nld_map(2, rows, 5, 3, seg.data_ptr(), sign.data_ptr(), out.data_ptr())
+    lib.nld_map(2, rows, 5, 3, runs.data_ptr(), sign.data_ptr(), out.data_ptr())
     assert out.tolist() == [[1 + 2 * 5, 2 - 3, -4, -5, 0], [-1 + 0, 0.5 - 0.25, -8, -0.0, 0]]
     # runs [0, 2), [2, 2) (empty), [2, 5) of the same rows, x0[3] made NaN for the maximum and minimum
     bounds = torch.tensor([0, 2, 2, 5])
