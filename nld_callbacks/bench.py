@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import statistics
@@ -206,17 +207,37 @@ def _warmup_steps(sample_every: int | str, steps: int) -> int:
     return max(steps, 2 * sample_every) if sample_every != 1 else steps  # type: ignore[operator]
 
 
+@contextmanager
+def _torch_ops_only() -> Iterator[None]:
+    """What is built inside does without the compiled kernel (``NLD_CALLBACKS_KERNEL=0``)."""
+    old = os.environ.get("NLD_CALLBACKS_KERNEL")
+    os.environ["NLD_CALLBACKS_KERNEL"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["NLD_CALLBACKS_KERNEL"]
+        else:
+            os.environ["NLD_CALLBACKS_KERNEL"] = old
+
+
 class _Tracker(_Instrument):
-    def __init__(self, every: int, sample_every: int | str = 1) -> None:
-        self.every, self.sample_every = every, sample_every
+    """``NoetherTracker``; ``compiled=False``: its charge sums and maps by torch ops (the fallback)."""
+
+    def __init__(self, every: int, sample_every: int | str = 1, compiled: bool = True) -> None:
+        self.every, self.sample_every, self.compiled = every, sample_every, compiled
         self.label = "nld" if sample_every == 1 else f"nld sampled {_sampling(sample_every)}"
+        if not compiled:
+            self.label += ", torch ops"
         self.tracker: NoetherTracker | None = None
 
     def warmup(self, steps: int) -> int:
         return _warmup_steps(self.sample_every, steps)
 
     def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
-        self.tracker = NoetherTracker(model, opt, report, log_every_n_steps=self.every, sample_every=self.sample_every)
+        with contextlib.nullcontext() if self.compiled else _torch_ops_only():  # (the layout is made here)
+            self.tracker = NoetherTracker(model, opt, report, log_every_n_steps=self.every,
+                                          sample_every=self.sample_every)
         self.handles = _clocked(self.tracker, self)
 
     def close(self) -> None:
@@ -556,7 +577,7 @@ def _interleaved(work: Workload, insts: Sequence[_Instrument], report: SymmetryR
 def _fresh(inst: _Instrument) -> _Instrument:
     """A new instance with the same settings (instrumentations hold per-run state)."""
     if isinstance(inst, _Tracker):
-        return _Tracker(inst.every or 1, inst.sample_every)
+        return _Tracker(inst.every or 1, inst.sample_every, inst.compiled)
     return type(inst)()
 
 
@@ -604,8 +625,11 @@ def _sample_every_arg(text: str) -> int | str:
     return k
 
 
-def _instruments(sample_every: int | str) -> list[_Instrument]:
-    return [_Tracker(1), _Tracker(50), _Tracker(50, sample_every), _Floor(), _GradNorm(), _ItemLogger()]
+def _instruments(sample_every: int | str, torch_ops: bool = False) -> list[_Instrument]:
+    ours: list[_Instrument] = [_Tracker(1), _Tracker(50), _Tracker(50, sample_every)]
+    if torch_ops:  # the same tracker without the compiled kernel, side by side
+        ours += [_Tracker(1, compiled=False), _Tracker(50, compiled=False)]
+    return [*ours, _Floor(), _GradNorm(), _ItemLogger()]
 
 
 # ------------------------------------------------------------------- Lightning
@@ -888,7 +912,8 @@ def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int 
             check(f"{model}, sampled mode {_sampling(sample_every)}: time ratio", s.time.median, s.cpu.median,
                   s.own.median, 1.03)
         for r in rows:
-            if r.model == model and r.label.startswith("nld") and not math.isnan(r.mem):
+            # (the torch-ops arms are a comparison, not the instrument the targets are for)
+            if r.model == model and r.label.startswith("nld") and "torch ops" not in r.label and not math.isnan(r.mem):
                 out.append(f"{mark(r.mem <= 1.02)} -       {model}, {r.label} every {r.every}: "
                            f"peak memory ratio {r.mem:.3f}x (target <= 1.02x)")
         against_references(rows, model, "nld")
@@ -994,6 +1019,9 @@ def main(argv: Sequence[str]) -> int:
                    help="the sampled mode's k, or 'auto' (give it --steps of several hundred: its k can reach 200)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: plain,lightning,depth,detect")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run with tiny models")
+    p.add_argument("--torch-ops", action="store_true",
+                   help="also time the tracker with its charge sums and maps by torch ops, the fallback without "
+                        "the compiled kernel (CPU; plain loops)")
     ns = p.parse_args(argv)
     dev = torch.device(ns.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -1027,7 +1055,7 @@ def main(argv: Sequence[str]) -> int:
             report = _report_of(work)
             print(f"\n[{work.name}] {work.describe}: {len(report.groups)} groups, "
                   f"{sum(p.numel() for p in _monitored(work.make(), report)):,} monitored parameters")
-            part = _interleaved(work, _instruments(ns.sample_every), report, cfg)
+            part = _interleaved(work, _instruments(ns.sample_every, ns.torch_ops and dev.type == "cpu"), report, cfg)
             rows += part
             print(_overhead_table(part))
             if dev.type == "cuda":

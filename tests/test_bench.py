@@ -202,3 +202,40 @@ def test_floor_verdict_is_undefined_when_the_floor_added_no_time():
                          "1.500x cpu, 5.000x own (target <= 2x)")
     assert line(-0.1) == ("-      MISSED  mlp, nld added time / floor added time (every step): n/a wall, "
                           "n/a cpu, 5.000x own (target <= 2x)")
+
+
+def test_torch_ops_arms_run_the_tracker_without_the_kernel(monkeypatch):
+    """``--torch-ops``: the tracker again with its sums and maps by torch ops, beside the compiled arms, no target."""
+    import contextlib
+    import io
+    import os
+
+    from nld_callbacks import kernel
+
+    monkeypatch.setenv("NLD_CALLBACKS_KERNEL", "1")
+    layouts = []
+    attach = bench._Tracker.attach
+
+    def spy(self, *args):
+        attach(self, *args)
+        layouts.append((self.compiled, self.tracker.layout))
+
+    monkeypatch.setattr(bench._Tracker, "attach", spy)
+    buf = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(buf):
+            assert bench.main(["--quick", "--torch-ops", "--skip", "lightning,depth,detect"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = buf.getvalue()
+    tables = [t for t in _tables(out) if t[0][:3] == ["model", "instrumentation", "log every"]]
+    for t in tables:
+        assert {(row[1], row[2]) for row in t[1:] if "torch ops" in row[1]} == {("nld, torch ops", "1"),
+                                                                                ("nld, torch ops", "50")}
+    targets = out[out.index("[targets]"):]
+    assert "torch ops" not in targets
+    assert any(not compiled for compiled, _ in layouts) and all(lay._lib is None for c, lay in layouts if not c)
+    if kernel.load() is not None:
+        assert all(lay._lib is not None for c, lay in layouts if c)
+    assert os.environ["NLD_CALLBACKS_KERNEL"] == "1"  # given back as it was
