@@ -952,7 +952,7 @@ class ChargeLayout:
         if isinstance(values, torch.Tensor):
             if values.dtype is not f64 or not values.is_cpu:
                 return None
-            flat = values.reshape(n, n_in)
+            flat = values if values.dim() == 2 else values.reshape(n, n_in)
             if flat.stride(-1) != 1:
                 flat = flat.contiguous()
             base, step = flat.data_ptr(), flat.stride(0) * flat.element_size()
@@ -976,10 +976,10 @@ class ChargeLayout:
     def _apply(self, which: str, values: torch.Tensor | Sequence[torch.Tensor], n_out: int) -> torch.Tensor:
         # one call of the compiled maps, or one sparse product, for any number of rows: V @ Mᵀ
         if isinstance(values, torch.Tensor):
-            lead, flat = values.shape[:-1], values.reshape(-1, values.shape[-1])
-        else:  # rows stacked a few at a time (the whole stack is never made on the CPU)
-            lead, flat = torch.Size([len(values)]), values[0].view(1, -1)
-        n, n_in = lead.numel(), flat.shape[1]
+            lead, n_in = values.shape[:-1], values.shape[-1]
+        else:
+            lead, n_in = torch.Size([len(values)]), values[0].shape[-1]
+        n = lead.numel()
         expected = self.n_neurons if which == "groups" else self.n_reductions
         if n_in != expected:
             kind = "group-neuron" if which == "groups" else "per-reduction"
@@ -987,7 +987,11 @@ class ChargeLayout:
         if self._lib is not None:
             mapped = self._map_rows("sum" if which == "groups" else which, values, n, n_in, n_out)
             if mapped is not None:
-                return mapped.reshape(*lead, n_out)
+                return mapped if len(lead) == 1 else mapped.reshape(*lead, n_out)
+        if isinstance(values, torch.Tensor):
+            flat = values.reshape(-1, n_in)
+        else:  # rows stacked a few at a time (the whole stack is never made on the CPU)
+            flat = values[0].view(1, -1)
 
         def rows(a: int, b: int) -> torch.Tensor:
             if isinstance(values, torch.Tensor):
@@ -1049,7 +1053,7 @@ class ChargeLayout:
         if self._lib is not None:
             runs = self._map_rows(reduce, values, values.shape[:-1].numel(), values.shape[-1], len(self.groups))
             if runs is not None:
-                return runs.reshape(*values.shape[:-1], len(self.groups))
+                return runs if values.dim() == 2 else runs.reshape(*values.shape[:-1], len(self.groups))
         lengths = self._group_sizes.expand(*values.shape[:-1], len(self.groups))
         return torch.segment_reduce(values, "max" if reduce == "amax" else "min", lengths=lengths,
                                     axis=values.dim() - 1, unsafe=True)
