@@ -303,6 +303,15 @@ def _merge(out: Mapping[str, theory.StepTerms], family: Tensor | None) -> theory
     return theory.StepTerms(**merged)
 
 
+def _abs(tensors: Mapping[str, Tensor | None]) -> dict[str, Tensor | None]:
+    """|x| of every tensor in one fused op, whatever their number (``None`` stays ``None``)."""
+    present = {n: t for n, t in tensors.items() if t is not None}
+    out: dict[str, Tensor | None] = dict.fromkeys(tensors)
+    if present:
+        out.update(zip(present, torch._foreach_abs(list(present.values()))))
+    return out
+
+
 def _update_direction(h: Hyper, theta: Tensor, grad: Tensor | None, buf: Tensor | None,
                       update: Tensor | None) -> Tensor | None:
     """u_t = (θ_t − θ_{t+1})/η of one tensor, from post-step values only (for the linear residual scale)."""
@@ -1173,14 +1182,14 @@ class NoetherTracker:
         if info.has_linear:
             lt = {n: theta[n] for n in info.linear_params}
             T1 = self._product("T", lt)
-            A1 = lay.reduce({n: t.abs() for n, t in lt.items()})
+            A1 = lay.reduce(_abs(lt))
             T0, S0 = self._pre_linear if self._pre_linear is not None else (T1, None)
             S = S0 if S0 is not None else zeros
             Sg = signed(self._product("Sg", {n: grads[n] for n in info.linear_params}))
             steps = {n: _update_direction(hyp[n], theta[n], grads[n], bufs.get(n),
                                           None if adaptive is None else adaptive.update.get(n))
                      for n in info.linear_params}
-            L1 = lay.reduce({n: None if s is None else s.abs() for n, s in steps.items()})
+            L1 = lay.reduce(_abs(steps))
             kw = dict(T0=T0, T1=T1, L1=L1, lr=lr)
             lin_out: dict[str, theory.StepTerms] = {}
             if "sgd" in families:

@@ -239,3 +239,20 @@ def test_torch_ops_arms_run_the_tracker_without_the_kernel(monkeypatch):
     if kernel.load() is not None:
         assert all(lay._lib is not None for c, lay in layouts if c)
     assert os.environ["NLD_CALLBACKS_KERNEL"] == "1"  # given back as it was
+
+
+def test_hook_ops_do_not_grow_with_depth():
+    """A non-logging tracked step dispatches as many aten ops on 2 layers as on 8: the sums and maps are kernel calls,
+    the per-tensor work fused (as ``nld bench``'s cost-growth table counts them)."""
+    from nld_callbacks import kernel
+
+    if kernel.load() is None:
+        pytest.skip("no C compiler: the torch-op sums dispatch ops per row length")
+    dev = torch.device("cpu")
+    counts = []
+    for depth in (2, 8):
+        work = bench.Workload(f"mlp{depth}", "", lambda d=depth: bench.wide_mlp(32, d, 32),
+                              bench._batches((16, 32), 2, 10, dev))
+        counts.append(bench._hook_ops(work, bench._report_of(work), dev))
+    (ops2, passes2), (ops8, passes8) = counts
+    assert ops2 == ops8 and passes8 > passes2, counts
