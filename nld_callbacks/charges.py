@@ -13,12 +13,12 @@ Two implementations, one obviously right and one fast, tested against each other
   copies;
 * :class:`ChargeLayout`: built once per model; evaluates any number of products X ⊙ Y over every
   parameter into one flat float64 vector of *reduction neurons* (one entry per (tensor, neuron)),
-  and maps those onto the groups' neurons with one sparse product per quantity, whatever the
-  depth. On the CPU the sums come from a compiled kernel (:mod:`nld_callbacks.kernel`: all the
-  products of a tensor in one read of it, exact float32 products, float64 sums); elsewhere, or
-  without a C compiler, from torch ops in a few fused batches (``torch._foreach_copy_`` /
-  ``torch._foreach_mul_`` into one reusable scratch buffer, then one per-row ``sum`` per row
-  length).
+  and maps those onto the groups' neurons with one call per quantity, whatever the depth. On the
+  CPU both come from a compiled kernel (:mod:`nld_callbacks.kernel`: all the products of a tensor
+  in one read of it, exact float32 products, float64 sums; each member's run of reductions added
+  onto its run of neurons); elsewhere, or without a C compiler, the sums from torch ops in a few
+  fused batches (``torch._foreach_copy_`` / ``torch._foreach_mul_`` into one reusable scratch
+  buffer, then one per-row ``sum`` per row length) and the maps from one sparse product each.
 
 Example:
     >>> import torch
@@ -973,6 +973,13 @@ class ChargeLayout:
             self._lib.nld_runs(_RUN_OPS[op], n, ptrs, n_out, self._bounds.data_ptr(), out.data_ptr())
         return out
 
+    def _check_length(self, n_in: int, *, groups: bool) -> None:
+        """Refuse values without one entry per group neuron (``groups``) or reduction: the maps read that many."""
+        expected = self.n_neurons if groups else self.n_reductions
+        if n_in != expected:
+            kind = "group-neuron" if groups else "per-reduction"
+            raise ValueError(f"Expected {kind} values of length {expected} (the last dim) but got {n_in}")
+
     def _apply(self, which: str, values: torch.Tensor | Sequence[torch.Tensor], n_out: int) -> torch.Tensor:
         # one call of the compiled maps, or one sparse product, for any number of rows: V @ Mᵀ
         if isinstance(values, torch.Tensor):
@@ -980,10 +987,7 @@ class ChargeLayout:
         else:
             lead, n_in = torch.Size([len(values)]), values[0].shape[-1]
         n = lead.numel()
-        expected = self.n_neurons if which == "groups" else self.n_reductions
-        if n_in != expected:
-            kind = "group-neuron" if which == "groups" else "per-reduction"
-            raise ValueError(f"Expected {kind} values of length {expected} (the last dim) but got {n_in}")
+        self._check_length(n_in, groups=which == "groups")
         if self._lib is not None:
             mapped = self._map_rows("sum" if which == "groups" else which, values, n, n_in, n_out)
             if mapped is not None:
@@ -1047,9 +1051,7 @@ class ChargeLayout:
             return out / self._group_sizes.to(values.dtype) if reduce == "mean" else out
         if reduce not in ("amax", "amin"):
             raise ValueError(f"Expected `reduce` to be one of sum, mean, amax, amin but got {reduce!r}")
-        if values.shape[-1] != self.n_neurons:
-            raise ValueError(f"Expected group-neuron values of length {self.n_neurons} (the last dim) but got "
-                             f"{values.shape[-1]}")
+        self._check_length(values.shape[-1], groups=True)
         if self._lib is not None:
             runs = self._map_rows(reduce, values, values.shape[:-1].numel(), values.shape[-1], len(self.groups))
             if runs is not None:
