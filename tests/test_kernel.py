@@ -13,9 +13,10 @@ from nld_callbacks.symmetries import Member, SymmetryGroup
 
 needs_kernel = pytest.mark.skipif(kernel.load() is None, reason="no C compiler: the kernel cannot be built")
 
-# every path of the kernel: rows of 8+ entries (conv rows, 3x3 input-channel rows: C = 9), rows and
-# columns of one matrix in one job (C = 1; more than one block of 1024 columns), blocks on axis 0
-# together with columns (per0 > 1), a whole-tensor sum, a short-row remainder (C = 5 < 8)
+# the kernel's paths as a layout uses them: rows of 8+ entries (conv rows: C = 27, with a remainder),
+# rows and columns of one matrix in one job (C = 1; more than one block of 1024 columns; a 3x3
+# kernel's input channels as 9 columns each), blocks on axis 0 together with columns (per0 > 1), a
+# whole-tensor sum (rows of 16+ entries with columns: test_short_rows_are_summed_as_columns)
 SHAPES = {"conv.weight": (6, 3, 3, 3), "conv.bias": (6,), "conv2.weight": (5, 6, 3, 3), "wide.weight": (3, 2100),
           "head.weight": (4, 6), "head.bias": (4,), "gn.weight": (8, 5)}
 GROUPS = [
@@ -122,6 +123,36 @@ def test_a_tensor_whose_square_is_not_asked_for_goes_last():
     assert plan is not None and [r for r, _ in plan.slots[:3]] == [0, 2, 1]  # θ, v, g (roots by first use)
     expected = ChargeLayout(GROUPS, SHAPES, kernel=False).reduce_many(pairs)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_short_rows_are_summed_as_columns(dtype):
+    """Rows of fewer than 16 entries (a 3x3 kernel's 9) run as columns of the (A, J·C) view.
+
+    The job's view is (A, J·C, 1) with J·C/size columns per output; rows of 16 or more keep theirs.
+    Every sum still meets the float64 reference, with and without the second reduction.
+    """
+    shapes = {"k2": (4, 5, 2, 3), "k3": (3, 4, 3, 3), "k4": (2, 3, 4, 4), "k1": (5, 6, 2, 1)}
+    # rows and columns in one job; k1: its columns alone
+    groups = [SymmetryGroup("scale", n, (Member(n, 0),), s[0], "output channel", "t")
+              for n, s in shapes.items() if n != "k1"]
+    groups += [SymmetryGroup("rescale", n, (Member(n, 1, -1),), s[1], "input channel", "t") for n, s in shapes.items()]
+    gen = torch.Generator().manual_seed(3)
+    X, Y = ({n: torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for n, s in shapes.items()}
+            for _ in range(2))
+    lay = ChargeLayout(groups, shapes, kernel=True)
+    out = lay.reduce_many([(X, Y), (X, X)])
+    (kp,) = lay._kplans.values()
+    views = {}
+    for (start, _, _), (_, p) in zip(kp.spans, kp.slots[::2]):
+        A, J, C, _, _, per, _ = kp.jobs[start : start + 7]
+        views[lay.params[p]] = (A, J, C, per)
+    assert views == {"k2": (4, 30, 1, 6), "k3": (3, 36, 1, 9), "k4": (2, 3, 16, 1), "k1": (5, 12, 1, 2)}
+    X64, Y64 = ({n: t.double() for n, t in T.items()} for T in (X, Y))
+    for row, (P, R) in zip(out, [(X64, Y64), (X64, X64)]):
+        for grp, got in zip(groups, _groups(lay, row)):
+            torch.testing.assert_close(got, bilinear_reference(grp, P, R), rtol=1e-12, atol=1e-12, msg=grp.key)
 
 
 @needs_kernel
