@@ -13,6 +13,9 @@ over rounds and its interquartile range (IQR). Instrumentations:
   and the sampled mode), and :class:`~nld_callbacks.NoetherMonitor` on the Lightning CNN;
 * ``floor``: one fused ``torch._foreach_norm`` per step over exactly the monitored parameters,
   gradients and momentum buffers, the least any exact per-step identity must read;
+* ``nld sums only``: the float64 sums of products a tracked step reads (θ·θ, θ·g, v·g, v·v, θ·v per
+  neuron, the linear charges' sums), by the tracker's own layout and kernel, every step, without
+  the identities, laws and maps made of them: how much of the tracker's time is that read;
 * ``grad_norm``: Lightning's ``lightning.pytorch.utilities.grad_norm`` every step;
 * ``item``: a per-parameter norm logger (``.item()`` on every weight and gradient norm, :func:`item_norms`).
 
@@ -267,6 +270,37 @@ class _Floor(_Instrument):
             grads = [p.grad for p in params if p.grad is not None]
             bufs = [b for b in (optimizer.state.get(p, {}).get("momentum_buffer") for p in params) if b is not None]
             self.last = torch._foreach_norm(params + grads + bufs)
+            if self.timing:
+                self.spent += time.perf_counter() - t0
+
+        self.handle = opt.register_step_post_hook(post)
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+class _Sums(_Instrument):
+    """The sums a tracked step reads, nothing else: one fused read of θ, g and v after every step.
+
+    The products and linear sums :class:`NoetherTracker`'s post-step hook reads (its pre-step hook
+    takes them over from the last post-step), by the same layout and kernel, with no identities,
+    laws or maps: the part of a tracked step that no per-neuron work can avoid.
+    """
+
+    label = "nld sums only"
+    every = 1
+
+    def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
+        tracker = NoetherTracker(model, opt, report)
+        tracker.detach()  # its layout and its choice of sums only: no hooks of its own
+
+        @torch.no_grad()
+        def post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            t0 = time.perf_counter()
+            theta, bufs = tracker._state(optimizer)
+            pairs = tracker._fused_pairs(theta, bufs, tracker._grads(), optimizer, carry=True)
+            assert tracker.layout is not None
+            self.last = tracker.layout.reduce_many(list(pairs.values()))
             if self.timing:
                 self.spent += time.perf_counter() - t0
 
@@ -629,7 +663,7 @@ def _instruments(sample_every: int | str, torch_ops: bool = False) -> list[_Inst
     ours: list[_Instrument] = [_Tracker(1), _Tracker(50), _Tracker(50, sample_every)]
     if torch_ops:  # the same tracker without the compiled kernel, side by side
         ours += [_Tracker(1, compiled=False), _Tracker(50, compiled=False)]
-    return [*ours, _Floor(), _GradNorm(), _ItemLogger()]
+    return [*ours, _Sums(), _Floor(), _GradNorm(), _ItemLogger()]
 
 
 # ------------------------------------------------------------------- Lightning
@@ -912,8 +946,9 @@ def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int 
             check(f"{model}, sampled mode {_sampling(sample_every)}: time ratio", s.time.median, s.cpu.median,
                   s.own.median, 1.03)
         for r in rows:
-            # (the torch-ops arms are a comparison, not the instrument the targets are for)
-            if r.model == model and r.label.startswith("nld") and "torch ops" not in r.label and not math.isnan(r.mem):
+            # (the torch-ops and sums-only arms are comparisons, not the instrument the targets are for)
+            compared = "torch ops" in r.label or r.label == _Sums.label
+            if r.model == model and r.label.startswith("nld") and not compared and not math.isnan(r.mem):
                 out.append(f"{mark(r.mem <= 1.02)} -       {model}, {r.label} every {r.every}: "
                            f"peak memory ratio {r.mem:.3f}x (target <= 1.02x)")
         against_references(rows, model, "nld")

@@ -74,8 +74,9 @@ def test_overhead_tables_have_finite_ratios(quick_output):
             mem = row[head.index("peak mem ratio")]
             assert mem == "-" or math.isfinite(float(mem))
         assert t[1][1] == "none" and t[1][4].startswith("1.000")  # the plain run against itself
-    for expected in ("nld", "nld sampled 1/10", "floor", "grad_norm", "item", "NoetherMonitor"):
+    for expected in ("nld", "nld sampled 1/10", "nld sums only", "floor", "grad_norm", "item", "NoetherMonitor"):
         assert expected in labels
+    assert "sums only" not in quick_output[quick_output.index("[targets]"):]  # a comparison: no verdict
     lightning = {row[1] for row in overhead[2][1:]}
     assert {"grad_norm", "item"} <= lightning  # the references logged through the trainer too
     # own time: measured for every instrumented arm of plain PyTorch and the monitor under Lightning
@@ -202,6 +203,41 @@ def test_floor_verdict_is_undefined_when_the_floor_added_no_time():
                          "1.500x cpu, 5.000x own (target <= 2x)")
     assert line(-0.1) == ("-      MISSED  mlp, nld added time / floor added time (every step): n/a wall, "
                           "n/a cpu, 5.000x own (target <= 2x)")
+
+
+def test_sums_arm_reads_what_a_tracked_step_reads():
+    """``nld sums only``: the rows of a tracked post-step's fused read, bit for bit, and nothing else."""
+    from torch import nn
+
+    from nld_callbacks import NoetherTracker, find_symmetries
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    report = find_symmetries(model, x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    tracker = NoetherTracker(model, opt, report)
+    reads = []
+    read = tracker._read
+
+    def spy(pairs):
+        read(pairs)
+        reads.append(dict(tracker._rows))
+
+    tracker._read = spy
+    sums = bench._Sums()
+    sums.attach(model, opt, report)  # its post hook runs after the tracker's
+    try:
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        sums.close()
+    rows = reads[-1]  # the third step's post-step read (its pre-step took the second's over)
+    assert {"θθ", "θg", "vg", "vv", "θv"} <= rows.keys()
+    assert torch.equal(sums.last, torch.stack(list(rows.values())))
+    assert len(opt._optimizer_step_post_hooks) == 1  # the tracker's: the arm's own is gone
 
 
 def test_torch_ops_arms_run_the_tracker_without_the_kernel(monkeypatch):
