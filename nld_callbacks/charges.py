@@ -348,10 +348,12 @@ class _KernelPlan:
 
 
 _KERNEL_DTYPES = {torch.float32: 0, torch.float64: 1}
-# rows of fewer entries than this (a 3x3 kernel's 9 per input channel) are summed as columns of
-# the (A, J·C) view, vector lanes along (j, c), instead of one short vector sum per (i, j): on a
-# 64x64x3x3 convolution's rows and columns 38 against 96 µs, at 16 entries 68 against 107, at 25
-# even (AVX-512)
+# rows of at most this many entries (a 3x3 kernel's 9 per input channel), in a job of 8 rows i or
+# more, are summed as columns of the (A, J·C) view, vector lanes along (j, c), instead of one short
+# vector sum per (i, j); so are rows shorter than a vector (8) in any job. Measured (AVX-512, the
+# rows and columns of three tensors): a 64x64x3x3 convolution 24 against 97 µs, 16 entries 45
+# against 121, 25 entries 72 against 102 but with 16 rows 29 against 26, fewer than 8 rows of 16
+# entries slower as columns
 _SHORT_ROWS = 16
 #: tensor entries a thread of the kernel reads at least: on fewer, starting it costs more than it saves
 _KERNEL_ENTRIES_PER_THREAD = 1 << 18
@@ -711,7 +713,8 @@ class ChargeLayout:
                         written += red0.size
                 start = len(table)
                 per = J // red.size
-                if 1 < C < _SHORT_ROWS:  # the (A, J·C) view: its columns, per·C of them to an output
+                if 1 < C and (C < 8 or (C <= _SHORT_ROWS and A >= 8)):  # columns of the (A, J·C) view,
+                    # per·C of them to an output
                     J, C, per = J * C, 1, per * C
                 table += [A, J, C, K, code, per, 1 if red0 is None else A // red0.size,
                           *range(first, first + K), *outs, *outs0]

@@ -223,12 +223,20 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
     for (int64_t j0 = 0; j0 < J; j0 += JB) {
         const int64_t n = j0 + JB < J ? JB : J - j0;
         const int64_t nw = C == 1 ? n & ~(int64_t)(W - 1) : 0;
-        memset(tmp, 0, sizeof(double[JB]) * Q);
+        for (int q = 0; q < Q; q++) memset(tmp[q], 0, sizeof(double) * n);
         int64_t i0 = 0;
         for (; i0 + NB <= A; i0 += NB) cols(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, NB, K, L, R, S, dbl);
         for (; i0 < A; i0++) col1(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, K, L, R, S, dbl);
-        for (int q = 0; q < Q; q++)
-            if (out[q] >= 0) for (int64_t jj = 0; jj < n; jj++) res[out[q] + (j0 + jj) / per] += tmp[q][jj];
+        /* each column onto its output, in order (the output's place counted, not divided out: a
+           division per column cost more than the block's sums on a short job) */
+        for (int q = 0; q < Q; q++) {
+            if (out[q] < 0) continue;
+            double *o = res + out[q] + j0 / per;
+            for (int64_t jj = 0, k = j0 % per; jj < n; jj++) {
+                *o += tmp[q][jj];
+                if (++k == per) { k = 0; o++; }
+            }
+        }
     }
 }
 

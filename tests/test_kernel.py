@@ -13,10 +13,10 @@ from nld_callbacks.symmetries import Member, SymmetryGroup
 
 needs_kernel = pytest.mark.skipif(kernel.load() is None, reason="no C compiler: the kernel cannot be built")
 
-# the kernel's paths as a layout uses them: rows of 8+ entries (conv rows: C = 27, with a remainder),
-# rows and columns of one matrix in one job (C = 1; more than one block of 1024 columns; a 3x3
-# kernel's input channels as 9 columns each), blocks on axis 0 together with columns (per0 > 1), a
-# whole-tensor sum (rows of 16+ entries with columns: test_short_rows_are_summed_as_columns)
+# the kernel's paths as a layout uses them: rows of 8+ entries (conv rows: C = 27; conv2's 5 rows of
+# 3x3 kernels, C = 9, with their columns; each with a remainder), rows and columns of one matrix in
+# one job (C = 1; more than one block of 1024 columns), blocks on axis 0 together with columns
+# (per0 > 1), a whole-tensor sum (short rows as columns: test_short_rows_are_summed_as_columns)
 SHAPES = {"conv.weight": (6, 3, 3, 3), "conv.bias": (6,), "conv2.weight": (5, 6, 3, 3), "wide.weight": (3, 2100),
           "head.weight": (4, 6), "head.bias": (4,), "gn.weight": (8, 5)}
 GROUPS = [
@@ -128,12 +128,14 @@ def test_a_tensor_whose_square_is_not_asked_for_goes_last():
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_short_rows_are_summed_as_columns(dtype):
-    """Rows of fewer than 16 entries (a 3x3 kernel's 9) run as columns of the (A, J·C) view.
+    """Rows of fewer than 8 entries, and of up to 16 in a job of 8 rows or more, run as columns.
 
-    The job's view is (A, J·C, 1) with J·C/size columns per output; rows of 16 or more keep theirs.
+    Such a job's view is (A, J·C, 1) with J·C/size columns per output; other rows keep theirs.
     Every sum still meets the float64 reference, with and without the second reduction.
     """
-    shapes = {"k2": (4, 5, 2, 3), "k3": (3, 4, 3, 3), "k4": (2, 3, 4, 4), "k1": (5, 6, 2, 1)}
+    # k5: 1,080 columns, two blocks of the kernel's 1,024, the second starting 7 columns into an output
+    shapes = {"k2": (4, 5, 2, 3), "k3": (8, 4, 3, 3), "k4": (2, 3, 4, 4), "k6": (8, 2, 4, 4), "k7": (8, 2, 5, 5),
+              "k1": (5, 6, 2, 1), "k5": (8, 120, 3, 3)}
     # rows and columns in one job; k1: its columns alone
     groups = [SymmetryGroup("scale", n, (Member(n, 0),), s[0], "output channel", "t")
               for n, s in shapes.items() if n != "k1"]
@@ -148,7 +150,8 @@ def test_short_rows_are_summed_as_columns(dtype):
     for (start, _, _), (_, p) in zip(kp.spans, kp.slots[::2]):
         A, J, C, _, _, per, _ = kp.jobs[start : start + 7]
         views[lay.params[p]] = (A, J, C, per)
-    assert views == {"k2": (4, 30, 1, 6), "k3": (3, 36, 1, 9), "k4": (2, 3, 16, 1), "k1": (5, 12, 1, 2)}
+    assert views == {"k2": (4, 30, 1, 6), "k3": (8, 36, 1, 9), "k4": (2, 3, 16, 1), "k6": (8, 32, 1, 16),
+                     "k7": (8, 2, 25, 1), "k1": (5, 12, 1, 2), "k5": (8, 1080, 1, 9)}
     X64, Y64 = ({n: t.double() for n, t in T.items()} for T in (X, Y))
     for row, (P, R) in zip(out, [(X64, Y64), (X64, X64)]):
         for grp, got in zip(groups, _groups(lay, row)):
