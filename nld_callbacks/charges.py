@@ -713,8 +713,8 @@ class ChargeLayout:
                         written += red0.size
                 start = len(table)
                 per = J // red.size
-                if 1 < C and (C < 8 or (C <= _SHORT_ROWS and A >= 8)):  # columns of the (A, J·C) view,
-                    # per·C of them to an output
+                # short rows: columns of the (A, J·C) view, per·C of them to an output
+                if 1 < C and (C < 8 or (C <= _SHORT_ROWS and A >= 8)):
                     J, C, per = J * C, 1, per * C
                 table += [A, J, C, K, code, per, 1 if red0 is None else A // red0.size,
                           *range(first, first + K), *outs, *outs0]
