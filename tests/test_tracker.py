@@ -205,6 +205,35 @@ def test_found_groups_track_a_plain_loop_in_float32():
         assert abs(m["nld/scale/fc1/charge"] - m["nld/scale/fc1/predicted"]) < 1e-3 * m["nld/scale/fc1/charge"]
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["one_setting", "mixed"])
+def test_coefficients_of_one_setting_hold_no_row_per_reduction(mixed):
+    """One optimizer setting for every tensor: η, λ, β, c are stride-0 views of one number each.
+
+    With mixed settings each reduction reads its own tensor's values. The predictions are checked
+    against the float64 simulation for both (test_predictions_match_float64_simulation).
+    """
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=32)
+    model = MLPBN()
+    case = dict(lr=0.1, momentum=0.9, wd=1e-2, mixed=mixed)
+    opt = _optimizer(model, case)
+    tracker = NoetherTracker(model, opt, find_symmetries(model, x), log_every_n_steps=10)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    coef = tracker._coef_cache[1]
+    lay = tracker.layout
+    names = lay.params
+    per_reduction = {n: torch.tensor([_hyper(opt, dict(model.named_parameters())[names[i]])[k]
+                                      for i in lay.param_of_reduction.tolist()], dtype=torch.float64)
+                     for n, k in (("lr", "lr"), ("wd", "weight_decay"), ("momentum", "momentum"))}
+    for n, want in per_reduction.items():
+        assert torch.equal(coef[n], want), n
+        assert coef[n].stride() == ((1,) if mixed else (0,)), n
+    tracker.detach()
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_pre_step_sums_are_carried_unless_the_tensors_changed(momentum):
     """Between tracked steps the pre-hook reuses what the post-hook read of θ_{t+1} (and v_{t+1});
