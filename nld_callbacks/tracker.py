@@ -848,9 +848,9 @@ class NoetherTracker:
             or (n in ("decay", "metric") and "adam" not in families))]
         kept = torch.stack([per_param[_STEP_ROWS.index(n)] for n in names])  # (views: no index copied to the device)
         if len(combos) == 1:
-            # one combination for every tensor: a row is one number, read through a stride-0 view of
-            # it (no per-reduction copy; 0.66 MB on the wide MLP's 20,480 reductions)
-            rows = kept[:, :1].expand(-1, self.layout.n_reductions)
+            # one combination for every tensor: each coefficient is one number (a 0-dim tensor that
+            # broadcasts; no per-reduction copy, 0.66 MB on the wide MLP's 20,480 reductions)
+            rows = kept[:, 0]
         else:
             rows = kept.index_select(1, self.layout.param_of_reduction)
         coef: dict[str, Any] = dict(zip(names, rows))
@@ -1277,6 +1277,9 @@ class NoetherTracker:
             signed += list(terms.metric) if terms.metric is not None else []
             # rounding floor u_w·M (quadratic) or u_w·Σ|θ_k| (linear), physics.md §3.2
             unsigned += [self._unit_r * Q0] + ([self._unit_r * terms.abs1] if terms.abs1 is not None else [])
+        # a term made of coefficients only is one number where every tensor has one setting
+        signed = [r if r.dim() else r.expand_as(Q0) for r in signed]
+        unsigned = [r if r.dim() else r.expand_as(Q0) for r in unsigned]
         if terms is None:  # measured only: the charges, no identities
             return _Mapped(lay.to_groups(signed), None, parts=0, quad=False, UU=False, metric=False, abs1=False,
                            coef=None, fresh=True)
