@@ -827,7 +827,9 @@ class NoetherTracker:
 
         η, λ, β, c_t, the sign of ``maximize``, the NLD propagators, the equilibrium coefficients:
         computed on the host once per distinct (hyperparameters, first step, active) combination
-        and cached while nothing changes (one host-to-device copy when something does).
+        and cached while nothing changes (one host-to-device copy when something does). Where every
+        tensor has one combination the step's coefficients are one 0-dim number each: they
+        broadcast, and a term made of them alone is expanded to its row in :meth:`_to_neurons`.
         """
         assert self.layout is not None
         key = tuple((hyp[n], first[n], active[n]) for n in self._params)
