@@ -255,31 +255,49 @@ def _monitored(model: nn.Module, report: SymmetryReport) -> list[nn.Parameter]:
     return [named[n] for n in dict.fromkeys(m.param for g in report.groups for m in g.members)]
 
 
-class _Floor(_Instrument):
-    """One fused ``torch._foreach_norm`` over the monitored θ, g and v after every step."""
+class _AfterStep(_Instrument):
+    """A read after every optimizer step (:meth:`read`, its result kept as ``last``), timed while ``timing``."""
 
-    label = "floor"
     every = 1
 
     def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
-        params = _monitored(model, report)
+        self.prepare(model, opt, report)
 
         @torch.no_grad()
         def post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             t0 = time.perf_counter()
-            grads = [p.grad for p in params if p.grad is not None]
-            bufs = [b for b in (optimizer.state.get(p, {}).get("momentum_buffer") for p in params) if b is not None]
-            self.last = torch._foreach_norm(params + grads + bufs)
+            self.last = self.read(optimizer)
             if self.timing:
                 self.spent += time.perf_counter() - t0
 
         self.handle = opt.register_step_post_hook(post)
 
+    def prepare(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
+        """Everything the reads need, made before the first step."""
+
+    def read(self, optimizer: torch.optim.Optimizer) -> Any:
+        raise NotImplementedError
+
     def close(self) -> None:
         self.handle.remove()
 
 
-class _Sums(_Instrument):
+class _Floor(_AfterStep):
+    """One fused ``torch._foreach_norm`` over the monitored θ, g and v after every step."""
+
+    label = "floor"
+
+    def prepare(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
+        self.params = _monitored(model, report)
+
+    def read(self, optimizer: torch.optim.Optimizer) -> Any:
+        params = self.params
+        grads = [p.grad for p in params if p.grad is not None]
+        bufs = [b for b in (optimizer.state.get(p, {}).get("momentum_buffer") for p in params) if b is not None]
+        return torch._foreach_norm(params + grads + bufs)
+
+
+class _Sums(_AfterStep):
     """The sums a tracked step reads, nothing else: one fused read of θ, g and v after every step.
 
     The products and linear sums :class:`NoetherTracker`'s post-step hook reads (its pre-step hook
@@ -288,26 +306,17 @@ class _Sums(_Instrument):
     """
 
     label = "nld sums only"
-    every = 1
 
-    def attach(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
-        tracker = NoetherTracker(model, opt, report)
-        tracker.detach()  # its layout and its choice of sums only: no hooks of its own
+    def prepare(self, model: nn.Module, opt: torch.optim.Optimizer, report: SymmetryReport) -> None:
+        self.tracker = NoetherTracker(model, opt, report)
+        self.tracker.detach()  # its layout and its choice of sums only: no hooks of its own
 
-        @torch.no_grad()
-        def post(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            t0 = time.perf_counter()
-            theta, bufs = tracker._state(optimizer)
-            pairs = tracker._fused_pairs(theta, bufs, tracker._grads(), optimizer, carry=True)
-            assert tracker.layout is not None
-            self.last = tracker.layout.reduce_many(list(pairs.values()))
-            if self.timing:
-                self.spent += time.perf_counter() - t0
-
-        self.handle = opt.register_step_post_hook(post)
-
-    def close(self) -> None:
-        self.handle.remove()
+    def read(self, optimizer: torch.optim.Optimizer) -> Any:
+        tracker = self.tracker
+        theta, bufs = tracker._state(optimizer)
+        pairs = tracker._fused_pairs(theta, bufs, tracker._grads(), optimizer, carry=True)
+        assert tracker.layout is not None
+        return tracker.layout.reduce_many(list(pairs.values()))
 
 
 class _GradNorm(_Instrument):
