@@ -160,54 +160,63 @@ def _coefficient_table(combos: Sequence[tuple[Hyper, bool, bool]]) -> Tensor:
     """Host float64 table ``(len(_COEF_ROWS) + 12, H)`` of coefficients for each (hyper, first, active).
 
     NaN marks a quantity that has no law for that optimizer (continuous law, equilibrium), so it is
-    logged as absent rather than wrong.
+    logged as absent rather than wrong. Only the laws of the families present are evaluated: under
+    an lr schedule the table is made again at every step.
     """
     f64 = torch.float64
-
-    def vec(fn: Callable[[Hyper, bool, bool], float]) -> Tensor:
-        return torch.tensor([fn(*k) for k in combos], dtype=f64)
-
     # torch skips a parameter without a gradient entirely (no decay, no momentum): η = 0 makes every
-    # identity read "unchanged", which is exact.
-    lr = vec(lambda h, f, a: h.lr if a else 0.0)
-    eta = vec(lambda h, f, a: h.lr)  # the schedule's η, for laws that describe the group over time
-    wd = vec(lambda h, f, a: h.wd)
-    beta = vec(lambda h, f, a: h.momentum)
-    tau = vec(lambda h, f, a: h.dampening)
-    c = vec(lambda h, f, a: 1.0 if f else 1.0 - h.dampening)
-    sign = vec(lambda h, f, a: -1.0 if h.maximize else 1.0)
-    decay = vec(lambda h, f, a: h.wd if (h.family == "adam" and h.decoupled) else 0.0)
-    fam = vec(lambda h, f, a: _FAMILY_CODE[h.family])
-    metric = vec(lambda h, f, a: 1.0 if h.metric else 0.0)
+    # identity read "unchanged", which is exact. `eta` is the schedule's η, for laws that describe
+    # the group over time.
+    lr, eta, wd, beta, tau, c, sign, decay, fam, metric = torch.tensor(
+        [[h.lr if a else 0.0, h.lr, h.wd, h.momentum, h.dampening, 1.0 if f else 1.0 - h.dampening,
+          -1.0 if h.maximize else 1.0, h.wd if (h.family == "adam" and h.decoupled) else 0.0,
+          _FAMILY_CODE[h.family], 1.0 if h.metric else 0.0] for h, f, a in combos], dtype=f64).T
     nan = torch.full_like(lr, float("nan"))
+    families = {h.family for h, _, _ in combos}
     is_sgd, is_hb, is_adam = fam == 0, fam == 1, fam == 4
     adamw = is_adam & (decay > 0)
+    cases = [(is_sgd, "sgd" in families), (is_hb, "heavy_ball" in families),
+             (adamw, any(h.family == "adam" and h.decoupled and h.wd > 0 for h, _, _ in combos))]
+
+    def law(*branches: Callable[[], Tensor] | None) -> Tensor:
+        # the value of each family's law where that family is (the masks are disjoint), NaN elsewhere
+        out = nan
+        for (mask, present), fn in zip(cases, branches):
+            if present and fn is not None:
+                out = torch.where(mask, fn(), out)
+        return out
+
+    one = torch.ones_like(eta)
     eff_factor = torch.where(is_sgd, lr / (1.0 - lr * wd), torch.where(is_adam, lr, lr / (1.0 - beta)))
     adaptive = is_adam.to(f64)
     # §2.4: Q*² = eq_coef · ⟨X⟩ with X = Q|g|² (SGD), Q·|v|² (heavy ball), C² (AdamW: Q* = ηC/(2λ))
-    eq_coef = torch.where(is_sgd, theory.equilibrium_sgd(eta, wd, torch.ones_like(eta)) ** 2,
-                          torch.where(is_hb, theory.equilibrium_heavy_ball(eta, wd, beta, torch.ones_like(eta), tau),
-                                      torch.where(adamw, (eta / (2.0 * wd)) ** 2, nan)))
+    eq_coef = law(lambda: theory.equilibrium_sgd(eta, wd, one) ** 2,
+                  lambda: theory.equilibrium_heavy_ball(eta, wd, beta, one, tau), lambda: (eta / (2.0 * wd)) ** 2)
     eq_numel = adamw.to(f64)
-    eq_angle = torch.where(is_sgd, theory.equilibrium_angle_sgd(eta, wd),
-                           torch.where(is_hb, theory.equilibrium_angle_heavy_ball(eta, wd, beta, tau),
-                                       torch.where(adamw, theory.equilibrium_angle_adamw(eta, wd, beta), nan)))
-    relax = torch.where(is_sgd, theory.relaxation_steps_sgd(eta, wd),
-                        torch.where(is_hb, theory.relaxation_steps_heavy_ball(eta, wd, beta, tau),
-                                    torch.where(adamw, theory.relaxation_steps_adamw(eta, wd), nan)))
+    eq_angle = law(lambda: theory.equilibrium_angle_sgd(eta, wd),
+                   lambda: theory.equilibrium_angle_heavy_ball(eta, wd, beta, tau),
+                   lambda: theory.equilibrium_angle_adamw(eta, wd, beta))
+    relax = law(lambda: theory.relaxation_steps_sgd(eta, wd),
+                lambda: theory.relaxation_steps_heavy_ball(eta, wd, beta, tau),
+                lambda: theory.relaxation_steps_adamw(eta, wd))
     # §2.3: |w|⁴ is an RMSProp accumulator with decay (1−ηλ)⁴ (SGD), ≈ 1 − 4η(1−τ)λ/(1−β) (heavy ball)
-    rms_decay = torch.where(is_sgd, (1.0 - eta * wd) ** 4,
-                            torch.where(is_hb, 1.0 - 4.0 * eta * (1.0 - tau) * wd / (1.0 - beta), nan))
+    rms_decay = law(lambda: (1.0 - eta * wd) ** 4, lambda: 1.0 - 4.0 * eta * (1.0 - tau) * wd / (1.0 - beta), None)
     rows = [lr, wd, beta, c, sign, decay, fam, metric, eff_factor, adaptive, eq_coef, eq_numel, eq_angle, relax,
             rms_decay]
-    # §2.2 continuous laws, one step each: first-order for SGD, damped oscillator for heavy ball
-    gamma, omega2 = theory.nld_heavy_ball_coefficients(lr, wd, beta, tau)
-    _, omega2_lin = theory.nld_heavy_ball_coefficients(lr, wd, beta, tau, linear=True)
-    for w2, linear in ((omega2, False), (omega2_lin, True)):
-        first_order = theory.first_order_propagator(theory.nld_sgd_coefficients(lr, wd, linear=linear))
-        osc = theory.oscillator_propagator(gamma, w2)
-        prop = torch.where(is_sgd[:, None, None], first_order,
-                           torch.where(is_hb[:, None, None], osc, torch.full_like(osc, float("nan"))))
+    # §2.2 continuous laws, one step each: first-order for SGD, damped oscillator for heavy ball;
+    # quadratic then linear charges (the two oscillators in one batch)
+    nan_prop = nan[:, None, None].expand(-1, 2, 3)
+    first_order: tuple[Tensor, ...] = (nan_prop, nan_prop)
+    osc: tuple[Tensor, ...] = (nan_prop, nan_prop)
+    if cases[0][1]:
+        first_order = tuple(theory.first_order_propagator(theory.nld_sgd_coefficients(lr, wd, linear=linear))
+                            for linear in (False, True))
+    if cases[1][1]:
+        gamma, omega2 = theory.nld_heavy_ball_coefficients(lr, wd, beta, tau)
+        _, omega2_lin = theory.nld_heavy_ball_coefficients(lr, wd, beta, tau, linear=True)
+        osc = theory.oscillator_propagator(torch.cat([gamma, gamma]), torch.cat([omega2, omega2_lin])).split(len(lr))
+    for fo, os_ in zip(first_order, osc):
+        prop = torch.where(is_sgd[:, None, None], fo, torch.where(is_hb[:, None, None], os_, nan_prop))
         rows.extend(prop.reshape(-1, 6).T)
     return torch.stack(rows)
 
@@ -856,7 +865,7 @@ class NoetherTracker:
         else:
             rows = kept.index_select(1, self.layout.param_of_reduction)
         coef: dict[str, Any] = dict(zip(names, rows))
-        coef["groups"] = self._group_coefficients(per_param)
+        coef["groups"] = self._group_coefficients(per_param, one=len(combos) == 1)
         self._coef_cache = (key, coef)
         return coef
 
@@ -1217,29 +1226,36 @@ class NoetherTracker:
         return _Step(quad=_merge(quad, fam) if quad else None, linear=lin, T1=T1, abs1=A1, coef=coef, drive=drive,
                      eq_drive=eq_drive, UU=UU, metric=metric, fresh=all(first.values()) if first else True)
 
-    def _group_coefficients(self, per_param: Tensor) -> dict[str, Tensor]:
+    def _group_coefficients(self, per_param: Tensor, one: bool = False) -> dict[str, Tensor]:
         """Group-neuron means of the per-parameter coefficients (once per coefficient change).
 
         ``per_param``: the table's rows per parameter, ending in the 6 + 6 propagator rows
-        (quadratic, linear charges).
+        (quadratic, linear charges). ``one``: every parameter has the same column (one setting).
+        Then each mean is that column's value, exactly: the rates are 0-dim and nothing is mapped,
+        which keeps a coefficient change (an lr schedule's every step) cheap.
         """
         lay, info = self.layout, self._theory()
         assert lay is not None
         names = ("adaptive", "eff_factor", "eq_numel", "relax", "eq_coef", "eq_angle", "rms_decay")
         rows = [per_param[_COEF_ROWS.index(n)] for n in names] + list(per_param[len(_COEF_ROWS) :])
-        per_neuron = lay.params_to_groups(torch.stack(rows))
-        per_neuron /= info.count
-        g = dict(zip(names, per_neuron))
         k = len(names)
+        if one and info.owned is None:  # (another rank's neurons take no reduction: NaN, as a mean over none)
+            col = torch.stack(rows)[:, 0]
+            g = dict(zip(names, col))
+            per_neuron = col[:, None]  # broadcasts over the neurons
+        else:
+            per_neuron = lay.params_to_groups(torch.stack(rows))
+            per_neuron /= info.count
+            g = dict(zip(names, per_neuron))
         rms_decay = torch.where(info.scale, g["rms_decay"], torch.nan)
         # per-group means of the constants (equilibrium angle, relaxation time, RMSProp decay)
-        const = torch.stack([g["eq_angle"], g["relax"], rms_decay])
+        const = torch.stack(torch.broadcast_tensors(g["eq_angle"], g["relax"], rms_decay))
         if info.owned is not None:
             const = torch.where(info.owned, const, torch.nan)
         # kept per neuron while the coefficients hold: only what every step reads
         rates = torch.stack([g["eff_factor"], 1.0 / g["relax"].clamp_min(1.0), g["eq_coef"]])
         prop = torch.where(info.linear, per_neuron[k + 6 : k + 12], per_neuron[k : k + 6])
-        flags = torch.stack([g["adaptive"] > 0.5, torch.isfinite(rms_decay)])
+        flags = torch.stack(torch.broadcast_tensors(g["adaptive"] > 0.5, torch.isfinite(rms_decay)))
         eq_numel = g["eq_numel"] > 0.5
         del g, per_neuron, rms_decay  # the all-rows table goes before the means (the first step's peak)
         return {"adaptive": flags[0], "eq_numel": eq_numel, "flags": flags.to(torch.float64),
@@ -1368,7 +1384,8 @@ class NoetherTracker:
             ema_w = torch.lerp(dyn["ema_w"], info.ones, alpha)
             # the last-value inputs: the rates, angles and means are made of them only when read
             new.update(pred=q0 + sym, tol=tol, step_sq=step_sq, nld=Qn, nld_rate=dQn, ema_x=ema_x, ema_w=ema_w,
-                       eff_factor=cg["eff_factor"], eq_coef=cg["eq_coef"], adaptive=cg["flags"][0],
+                       eff_factor=cg["eff_factor"].expand_as(q0), eq_coef=cg["eq_coef"].expand_as(q0),
+                       adaptive=cg["flags"][0],
                        rmsprop=cg["flags"][1])
             if has_UU:
                 new["radial"] = radial

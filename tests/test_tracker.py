@@ -235,6 +235,115 @@ def test_coefficients_of_one_setting_hold_no_row_per_reduction(mixed):
     tracker.detach()
 
 
+@pytest.mark.parametrize("mixed", [False, True])
+def test_group_coefficients_are_the_means_over_each_neurons_tensors(mixed):
+    """The per-neuron coefficients are the mean of the table's value over the neuron's reductions.
+
+    Reference: a loop over the layout's member runs, each reduction looked up in the one-setting
+    table of its tensor's param group. With one setting the means are that setting's values
+    exactly (0-dim, nothing mapped); with mixed settings they are rows.
+    """
+    from nld_callbacks.tracker import _COEF_ROWS, _coefficient_table
+
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=32)
+    model = MLPBN()
+    opt = _optimizer(model, dict(lr=0.1, momentum=0.9, wd=1e-2, mixed=mixed))
+    tracker = NoetherTracker(model, opt, find_symmetries(model, x), log_every_n_steps=10)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    cg = tracker._coef_cache[1]["groups"]
+    lay, info = tracker.layout, tracker._theory()
+    hyp = tracker._hypers()
+    column = {n: _coefficient_table([(hyp[n], False, True)])[:, 0] for n in lay.params}
+    of_neuron: list[list[str]] = [[] for _ in range(lay.n_neurons)]
+    for first, start, length in lay._runs.tolist():
+        for i in range(length):
+            of_neuron[first + i].append(lay.params[lay.param_of_reduction[start + i]])
+    assert all(of_neuron)
+
+    def mean(row: int | slice) -> torch.Tensor:
+        def of(values: list[torch.Tensor]) -> torch.Tensor:  # (the mean of equal values is that value)
+            return values[0] if all(torch.equal(v, values[0]) for v in values) else sum(values) / len(values)
+
+        return torch.stack([of([column[n][row] for n in ns]) for ns in of_neuron], -1)
+
+    k = len(_COEF_ROWS)
+    want = {"eff_factor": mean(_COEF_ROWS.index("eff_factor")), "eq_coef": mean(_COEF_ROWS.index("eq_coef")),
+            "alpha": 1.0 / mean(_COEF_ROWS.index("relax")).clamp_min(1.0),
+            "prop": torch.where(info.linear, mean(slice(k + 6, k + 12)), mean(slice(k, k + 6)))}
+    for name, w in want.items():
+        got = cg[name]
+        assert got.dim() == w.dim() - (0 if mixed or name == "prop" else 1), name
+        torch.testing.assert_close(got.expand_as(w), w, rtol=1e-15, atol=0, msg=name)
+        if not mixed:  # one setting: the value itself, not a mean that rounding can move
+            assert torch.equal(got.expand_as(w), w), name
+    tracker.detach()
+
+
+def test_coefficient_table_evaluates_each_setting_alone_and_by_hand():
+    """The coefficient table of several settings: each column is the table of its setting alone
+    (bitwise: only the laws of the families present are evaluated), and its laws are the closed
+    forms of physics.md §2.2–2.4 written out here per family."""
+    import math
+
+    from nld_callbacks.optim import Hyper
+    from nld_callbacks.tracker import _COEF_ROWS, _coefficient_table
+
+    hypers = [Hyper(lr=0.1, wd=5e-4), Hyper(lr=0.05, wd=1e-3, momentum=0.9, dampening=0.1),
+              Hyper(lr=0.05, wd=1e-3, momentum=0.9, nesterov=True), Hyper(lr=0.02, wd=1e-2, momentum=0.8, rule="sgdw",
+                                                                          decoupled=True),
+              Hyper(lr=1e-3, wd=1e-2, momentum=0.9, rule="adam", decoupled=True, beta2=0.999, eps=1e-8),
+              Hyper(lr=1e-3, wd=0.0, momentum=0.9, rule="adam", beta2=0.999, eps=1e-8)]
+    combos = [(h, f, a) for h in hypers for f, a in ((False, True), (True, True), (False, False))]
+    table = _coefficient_table(combos)
+    row = {n: table[i] for i, n in enumerate(_COEF_ROWS)}
+    k = len(_COEF_ROWS)
+    nan = float("nan")
+    for j, (h, f, a) in enumerate(combos):
+        alone = _coefficient_table([(h, f, a)])[:, 0]
+        col = table[:, j]
+        assert torch.equal(alone.isnan(), col.isnan()) and torch.equal(alone.nan_to_num(), col.nan_to_num())
+        lr, eta, lam, beta, tau = (h.lr if a else 0.0), h.lr, h.wd, h.momentum, h.dampening
+        fam = h.family
+        if fam == "sgd":
+            want = dict(eff_factor=lr / (1 - lr * lam), eq_coef=eta / (lam * (2 - eta * lam)),
+                        eq_angle=math.acos(1 - eta * lam), relax=1 / (-4 * math.log1p(-eta * lam)),
+                        rms_decay=(1 - eta * lam) ** 4)
+        elif fam == "heavy_ball":
+            want = dict(eff_factor=lr / (1 - beta), eq_coef=(1 + beta) * eta / (2 * (1 - tau) * lam),
+                        eq_angle=math.sqrt(2 * eta * (1 - tau) * lam / (1 + beta)),
+                        relax=(1 - beta) / (4 * eta * (1 - tau) * lam),
+                        rms_decay=1 - 4 * eta * (1 - tau) * lam / (1 - beta))
+        elif fam == "adam" and h.decoupled and lam > 0:
+            want = dict(eff_factor=lr, eq_coef=(eta / (2 * lam)) ** 2,
+                        eq_angle=math.sqrt(2 * eta * lam * (1 - beta) / (1 + beta)), relax=1 / (2 * eta * lam),
+                        rms_decay=nan)
+        else:  # no continuous law or equilibrium (Nesterov, SGDW, Adam without decay)
+            want = dict(eff_factor=lr if fam == "adam" else lr / (1 - beta), eq_coef=nan, eq_angle=nan, relax=nan,
+                        rms_decay=nan)
+        for name, w in want.items():
+            got = float(row[name][j])
+            assert (math.isnan(w) and math.isnan(got)) or math.isclose(got, w, rel_tol=1e-14), (fam, name)
+        # one step of the law: (Q, Q', f) → (Q, Q') for quadratic, then linear, charges
+        for linear, prop in ((False, table[k : k + 6, j]), (True, table[k + 6 : k + 12, j])):
+            if fam == "sgd":
+                r = (1 if linear else 2) * lr * lam
+                gain = -math.expm1(-r) / r if r else 1.0  # (→ 1 as r → 0: an inactive tensor, η = 0)
+                want_prop = torch.tensor([math.exp(-r), 0.0, gain, 0.0, 0.0, 0.0], dtype=torch.float64)
+            elif fam == "heavy_ball":
+                w2 = (2 if linear else 4) * lr * (1 - tau) * lam / (1 + beta)
+                gen = torch.tensor([[0.0, 1.0, 0.0], [-w2, -2 * (1 - beta) / (1 + beta), 1.0], [0.0, 0.0, 0.0]],
+                                   dtype=torch.float64)
+                want_prop = torch.linalg.matrix_exp(gen)[:2].reshape(6)
+            else:
+                assert prop.isnan().all(), fam
+                continue
+            torch.testing.assert_close(prop, want_prop, rtol=1e-13, atol=1e-16)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_pre_step_sums_are_carried_unless_the_tensors_changed(momentum):
     """Between tracked steps the pre-hook reuses what the post-hook read of θ_{t+1} (and v_{t+1});
