@@ -138,10 +138,16 @@ class Workload:
     make: Callable[[], nn.Module]
     batches: list[Batch]
     lr: float = 0.05
+    #: an lr that changes at every step (``--lr-schedule``): η_k = η / (1 + k/100)
+    schedule: bool = False
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The plainly configured optimizer of every run: SGD, heavy ball, coupled weight decay."""
         return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+    def scheduler(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The run's lr schedule, stepped after every optimizer step; ``None`` for a constant lr."""
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1.0 + k / 100)) if self.schedule else None
 
 
 def _batches(shape: tuple[int, ...], n: int, classes: int, device: torch.device, seed: int = 0) -> list[Batch]:
@@ -424,6 +430,7 @@ def _train(work: Workload, inst: _Instrument, report: SymmetryReport, steps: int
     torch.manual_seed(0)
     model = work.make().to(device)
     opt = work.optimizer(model)
+    sched = work.scheduler(opt)
     inst.attach(model, opt, report)
     loss_fn = nn.functional.cross_entropy
     t0 = c0 = 0.0
@@ -443,6 +450,8 @@ def _train(work: Workload, inst: _Instrument, report: SymmetryReport, steps: int
                 if inst.timing:
                     inst.spent += time.perf_counter() - ta
                 opt.step()
+                if sched is not None:
+                    sched.step()
         _sync(device)
         return Timing((time.perf_counter() - t0) / steps, (time.thread_time() - c0) / steps, inst.spent / steps)
     finally:
@@ -586,6 +595,8 @@ class Config:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     threads: int = 1
     quick: bool = False
+    #: the models' lr changes at every step (:attr:`Workload.schedule`)
+    schedule: bool = False
 
 
 def _interleaved(work: Workload, insts: Sequence[_Instrument], report: SymmetryReport, cfg: Config,
@@ -645,6 +656,7 @@ def _workloads(cfg: Config) -> tuple[Workload, Workload]:
                        lambda: resnet_cnn((16, 32, 64)), _batches((16, 3, 32, 32), 4, 10, dev))
         mlp = Workload("mlp", "BN MLP 1024 wide x 4, batch 16", lambda: wide_mlp(1024, 4, 256),
                        _batches((16, 256), 4, 10, dev))
+    cnn.schedule = mlp.schedule = cfg.schedule
     return cnn, mlp
 
 
@@ -705,8 +717,11 @@ def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> lis
             elif self.reference == "item":
                 self.log_dict(item_norms(self))
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return work.optimizer(self)
+        def configure_optimizers(self) -> Any:
+            opt = work.optimizer(self)
+            sched = work.scheduler(opt)
+            return opt if sched is None else {"optimizer": opt,
+                                              "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     class Timed(NoetherMonitor):
         """The monitor with its own time measured: its per-step Lightning hooks and its trackers' hooks."""
@@ -1066,12 +1081,15 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--torch-ops", action="store_true",
                    help="also time the tracker with its charge sums and maps by torch ops, the fallback without "
                         "the compiled kernel (CPU; plain loops)")
+    p.add_argument("--lr-schedule", action="store_true",
+                   help="the CNN and the MLP train with an lr that changes at every step, lr/(1 + k/100), in every "
+                        "arm (plain loops and Lightning): the tracker's coefficients are made again at every step")
     ns = p.parse_args(argv)
     dev = torch.device(ns.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("nld bench: --device cuda asked for, but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    cfg = Config(device=dev, threads=ns.threads, quick=ns.quick)
+    cfg = Config(device=dev, threads=ns.threads, quick=ns.quick, schedule=ns.lr_schedule)
     if ns.quick:
         cfg.rounds, cfg.steps, cfg.warmup = 1, 4, 2
     cfg.rounds = ns.rounds or cfg.rounds
@@ -1084,6 +1102,9 @@ def main(argv: Sequence[str]) -> int:
     print(f"nld bench: torch {torch.__version__}, {dev}, {cfg.threads} thread(s), {cfg.rounds} interleaved "
           f"round(s), {cfg.steps} timed steps after {cfg.warmup} warm-up steps per run"
           f" (sampled arms and, under Lightning, every arm: {_warmup_steps(ns.sample_every, cfg.warmup)}); {_load()}")
+    if cfg.schedule:
+        print("lr schedule: lr/(1 + k/100), stepped after every optimizer step (cnn, mlp and Lightning; "
+              "not the depth MLPs)")
     if dev.type == "cpu":
         lib = kernel.load()
         print("charge sums: " + (f"compiled kernel ({lib._name})" if lib is not None else

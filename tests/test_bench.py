@@ -292,3 +292,30 @@ def test_hook_ops_do_not_grow_with_depth():
         counts.append(bench._hook_ops(work, bench._report_of(work), dev))
     (ops2, passes2), (ops8, passes8) = counts
     assert ops2 == ops8 and passes8 > passes2, counts
+
+
+def test_lr_schedule_changes_the_lr_of_every_arm_at_every_step():
+    """``--lr-schedule``: each run's optimizer steps at lr/(1 + k/100), the plain run's as the tracked one's."""
+    cfg = bench.Config(quick=True, schedule=True)
+    cnn, _ = bench._workloads(cfg)
+
+    class Plain(bench._Instrument):
+        def attach(self, model, opt, report):
+            self.opt, self.lrs = opt, []
+
+        def after_backward(self, model):
+            self.lrs.append(self.opt.param_groups[0]["lr"])
+
+    class Tracked(bench._Tracker):
+        def attach(self, model, opt, report):
+            super().attach(model, opt, report)
+            Plain.attach(self, model, opt, report)  # type: ignore[arg-type]
+
+        after_backward = Plain.after_backward
+
+    report = bench._report_of(cnn)
+    for arm in (Plain(), Tracked(1)):
+        bench._train(cnn, arm, report, 3, 2, torch.device("cpu"))
+        assert arm.lrs == [cnn.lr * (1.0 / (1.0 + k / 100)) for k in range(5)]  # (LambdaLR: base lr × factor)
+    assert isinstance(arm, Tracked) and arm.tracker is not None and arm.tracker.step == 5
+    assert bench._workloads(bench.Config(quick=True))[0].scheduler(torch.optim.SGD([torch.zeros(1)], lr=1.0)) is None
