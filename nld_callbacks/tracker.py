@@ -765,7 +765,9 @@ class NoetherTracker:
                                    float64_accumulation=self.float64_accumulation)
         self._params = {n: named[n] for n in self.layout.params}
         u = torch.tensor([theory.unit_roundoff(p.dtype) for p in self._params.values()], dtype=torch.float64)
-        self._unit_r = u.to(device).index_select(0, self.layout.param_of_reduction)
+        # the unit roundoff of each reduction's tensor: one number (0-dim) where every tensor has one dtype
+        self._unit_r = u[0].to(device) if bool((u == u[0]).all()) else (
+            u.to(device).index_select(0, self.layout.param_of_reduction))
         acc = torch.zeros(_N_ROWS, len(groups), dtype=torch.float64, device=device)
         self._step_rows = torch.tensor(_STEP_UPDATE, device=device)
         self._last_rows = torch.tensor(_LAST_UPDATE, device=device)

@@ -283,6 +283,48 @@ def test_group_coefficients_are_the_means_over_each_neurons_tensors(mixed):
     tracker.detach()
 
 
+@pytest.mark.parametrize("mixed", [False, True])
+def test_rounding_floor_reads_each_reductions_dtype(mixed):
+    """The rounding floor u_w·M of physics.md §3.2 takes u_w of each reduction's own tensor.
+
+    One dtype: u_w is one number (0-dim). A float64 head beside float32 layers: the rescale group
+    spans both, and each reduction has its tensor's u_w (looked up per reduction here). The
+    identities close (|e| < 1) either way.
+    """
+    from nld_callbacks import theory
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+            if mixed:
+                self.fc2.double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.bn(self.fc1(x))).to(self.fc2.weight.dtype))
+
+    torch.manual_seed(0)
+    model = Model()
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    logged = []
+    tracker = NoetherTracker(model, opt, example_input=x, writer=lambda m, s: logged.append(m), log_every_n_steps=1)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    lay = tracker.layout
+    named = dict(model.named_parameters())
+    want = torch.tensor([theory.unit_roundoff(named[lay.params[i]].dtype) for i in lay.param_of_reduction.tolist()],
+                        dtype=torch.float64)
+    assert tracker._unit_r.dim() == (1 if mixed else 0)
+    assert torch.equal(tracker._unit_r.expand_as(want), want)
+    assert (want == 2.0**-53).any() == mixed and {g.kind for g in tracker.groups} >= {"scale", "rescale"}
+    residuals = [v for k, v in logged[-1].items() if k.endswith("/residual")]
+    assert residuals and all(0 <= r < 1 for r in residuals)
+    tracker.detach()
+
+
 def test_coefficient_table_evaluates_each_setting_alone_and_by_hand():
     """The coefficient table of several settings: each column is the table of its setting alone
     (bitwise: only the laws of the families present are evaluated), and its laws are the closed
