@@ -278,9 +278,16 @@ def adaptive_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, Tens
             G = torch._foreach_sqrt([st["max_exp_avg_sq" if h.amsgrad else "exp_avg_sq"] for st in states])
             torch._foreach_div_(G, bc2_sqrt)
             torch._foreach_add_(G, h.eps)
-            d = torch._foreach_div([st["exp_avg"] for st in states], bc1)
-            u = torch._foreach_div(d, G)
+            m = [st["exp_avg"] for st in states]
             keep = h.metric
+            if keep:  # G and d = m/(1 − β1^t) are the metric and the drive: both kept
+                d = torch._foreach_div(m, bc1)
+                u = torch._foreach_div(d, G)
+            else:  # u = m / ((1 − β1^t) G), made in G's memory: one new tensor per parameter, not three
+                torch._foreach_mul_(G, bc1)
+                torch._foreach_reciprocal_(G)
+                torch._foreach_mul_(G, m)
+                u, d = G, G
         else:  # rmsprop
             sq = [st["square_avg"] for st in states]
             if h.centered:

@@ -965,7 +965,8 @@ class NoetherTracker:
         pre = grads is None
         if supported and pre and momentum:
             pairs["θv"] = (theta, bufs)
-        elif supported and grads is not None:
+        elif supported and grads is not None and self.opt_model.rule not in ("adam", "rmsprop"):
+            # (an adaptive rule's identities read its update u instead: see _terms)
             pairs["θg"] = (theta, grads)
             nesterov = any(g.get("nesterov", False) for g in optimizer.param_groups)
             if momentum:
@@ -1173,7 +1174,7 @@ class NoetherTracker:
                 if "sgdw" in families:
                     quad["sgdw"] = theory.sgdw_step(P0=P, X=X, Y=Y, K=K, momentum=coef["momentum"], **kw)
             if adaptive is not None:
-                U, UU = lay.reduce(theta, adaptive.update), lay.reduce(adaptive.update, adaptive.update)
+                U, UU = lay.reduce_many([(theta, adaptive.update), (adaptive.update, adaptive.update)])
                 quad["adam"] = theory.adaptive_step(Q0=Q0, Q1=Q1, U=U, UU=UU, lr=lr, decay=coef["decay"])
                 if adaptive.metric is not None and adaptive.drive is not None:
                     gtheta = {n: None if m is None else m * theta[n] for n, m in adaptive.metric.items()}

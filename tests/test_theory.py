@@ -472,6 +472,35 @@ def test_metric_identity_without_momentum(case):
     assert sorted(euclid)[len(euclid) // 2] > 0.3, "the Euclidean η²|u|² law should miss by O(1) under Adam"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_update_direction_against_the_textbook_formula(dtype, amsgrad):
+    """u = m̂ / (sqrt(v̂) + ε) of every tensor after an Adam(W) step (β1 > 0: made in place, one new
+    tensor each), against the formula evaluated in float64 from the optimizer's state."""
+    from nld_callbacks.optim import adaptive_tensors, optimizer_model
+
+    torch.manual_seed(0)
+    x, y = synthetic_classification(n=64, dtype=dtype)
+    model = MLPBN().to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1, amsgrad=amsgrad)
+    named = dict(model.named_parameters())
+    hyp = {n: optimizer_model(opt).hyper(_group_of(opt, p)) for n, p in named.items()}
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        ad = adaptive_tensors(opt, named, hyp, {n: p.grad for n, p in named.items()})
+        assert ad.metric is None and ad.drive is None
+        for n, p in named.items():
+            st = opt.state[p]
+            t = float(st["step"])
+            v = (st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"]).double()
+            want = (st["exp_avg"].double() / (1 - 0.9**t)) / ((v / (1 - 0.99**t)).sqrt() + 1e-8)
+            got = ad.update[n]
+            assert got.dtype == dtype and got.data_ptr() not in {q.data_ptr() for q in st.values()}
+            torch.testing.assert_close(got.double(), want, rtol=4e-7 if dtype == torch.float32 else 1e-14, atol=0)
+
+
 def test_adamw_momentum_trivial_identity_and_translation_drift():
     """Table C, AdamW β1 = 0.9: g ⟂ w still holds, the update is not ⟂ w (radial share), and the
     translation charge drifts by a sizeable part of the update's L1 (KSB by a diagonal metric)."""
