@@ -140,9 +140,17 @@ class Workload:
     lr: float = 0.05
     #: an lr that changes at every step (``--lr-schedule``): η_k = η / (1 + k/100)
     schedule: bool = False
+    #: ``sgd`` (heavy ball, coupled weight decay) or ``adamw`` (``--optimizer``)
+    rule: str = "sgd"
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        """The plainly configured optimizer of every run: SGD, heavy ball, coupled weight decay."""
+        """The plainly configured optimizer of every run.
+
+        SGD with heavy ball and coupled weight decay at lr 0.05, or AdamW at lr 1e-3 with decoupled
+        weight decay 0.05 (its default betas).
+        """
+        if self.rule == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
         return torch.optim.SGD(model.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
 
     def scheduler(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -289,7 +297,11 @@ class _AfterStep(_Instrument):
 
 
 class _Floor(_AfterStep):
-    """One fused ``torch._foreach_norm`` over the monitored θ, g and v after every step."""
+    """One fused ``torch._foreach_norm`` over the monitored θ, g and the optimizer's buffers after every step.
+
+    The buffers: every state tensor of a monitored parameter's shape (SGD's momentum buffer v,
+    Adam's m and v).
+    """
 
     label = "floor"
 
@@ -299,7 +311,8 @@ class _Floor(_AfterStep):
     def read(self, optimizer: torch.optim.Optimizer) -> Any:
         params = self.params
         grads = [p.grad for p in params if p.grad is not None]
-        bufs = [b for b in (optimizer.state.get(p, {}).get("momentum_buffer") for p in params) if b is not None]
+        bufs = [b for p in params for k, b in optimizer.state.get(p, {}).items()
+                if k != "step" and isinstance(b, Tensor) and b.shape == p.shape]
         return torch._foreach_norm(params + grads + bufs)
 
 
@@ -597,6 +610,8 @@ class Config:
     quick: bool = False
     #: the models' lr changes at every step (:attr:`Workload.schedule`)
     schedule: bool = False
+    #: the models' optimizer (:attr:`Workload.rule`)
+    optimizer: str = "sgd"
 
 
 def _interleaved(work: Workload, insts: Sequence[_Instrument], report: SymmetryReport, cfg: Config,
@@ -657,6 +672,7 @@ def _workloads(cfg: Config) -> tuple[Workload, Workload]:
         mlp = Workload("mlp", "BN MLP 1024 wide x 4, batch 16", lambda: wide_mlp(1024, 4, 256),
                        _batches((16, 256), 4, 10, dev))
     cnn.schedule = mlp.schedule = cfg.schedule
+    cnn.rule = mlp.rule = cfg.optimizer
     return cnn, mlp
 
 
@@ -680,11 +696,11 @@ def _sample_every_arg(text: str) -> int | str:
     return k
 
 
-def _instruments(sample_every: int | str, torch_ops: bool = False) -> list[_Instrument]:
+def _instruments(sample_every: int | str, torch_ops: bool = False, sums: bool = True) -> list[_Instrument]:
     ours: list[_Instrument] = [_Tracker(1), _Tracker(50), _Tracker(50, sample_every)]
     if torch_ops:  # the same tracker without the compiled kernel, side by side
         ours += [_Tracker(1, compiled=False), _Tracker(50, compiled=False)]
-    return [*ours, _Sums(), _Floor(), _GradNorm(), _ItemLogger()]
+    return [*ours, *([_Sums()] if sums else []), _Floor(), _GradNorm(), _ItemLogger()]
 
 
 # ------------------------------------------------------------------- Lightning
@@ -1081,6 +1097,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--torch-ops", action="store_true",
                    help="also time the tracker with its charge sums and maps by torch ops, the fallback without "
                         "the compiled kernel (CPU; plain loops)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="every arm's optimizer: SGD with heavy ball and weight decay (default) or AdamW")
     p.add_argument("--lr-schedule", action="store_true",
                    help="the CNN and the MLP train with an lr that changes at every step, lr/(1 + k/100), in every "
                         "arm (plain loops and Lightning): the tracker's coefficients are made again at every step")
@@ -1089,7 +1107,7 @@ def main(argv: Sequence[str]) -> int:
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("nld bench: --device cuda asked for, but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    cfg = Config(device=dev, threads=ns.threads, quick=ns.quick, schedule=ns.lr_schedule)
+    cfg = Config(device=dev, threads=ns.threads, quick=ns.quick, schedule=ns.lr_schedule, optimizer=ns.optimizer)
     if ns.quick:
         cfg.rounds, cfg.steps, cfg.warmup = 1, 4, 2
     cfg.rounds = ns.rounds or cfg.rounds
@@ -1102,6 +1120,8 @@ def main(argv: Sequence[str]) -> int:
     print(f"nld bench: torch {torch.__version__}, {dev}, {cfg.threads} thread(s), {cfg.rounds} interleaved "
           f"round(s), {cfg.steps} timed steps after {cfg.warmup} warm-up steps per run"
           f" (sampled arms and, under Lightning, every arm: {_warmup_steps(ns.sample_every, cfg.warmup)}); {_load()}")
+    if cfg.optimizer != "sgd":
+        print("optimizer: AdamW(lr=1e-3, weight_decay=0.05) in every arm (cnn, mlp and Lightning; not the depth MLPs)")
     if cfg.schedule:
         print("lr schedule: lr/(1 + k/100), stepped after every optimizer step (cnn, mlp and Lightning; "
               "not the depth MLPs)")
@@ -1120,7 +1140,9 @@ def main(argv: Sequence[str]) -> int:
             report = _report_of(work)
             print(f"\n[{work.name}] {work.describe}: {len(report.groups)} groups, "
                   f"{sum(p.numel() for p in _monitored(work.make(), report)):,} monitored parameters")
-            part = _interleaved(work, _instruments(ns.sample_every, ns.torch_ops and dev.type == "cpu"), report, cfg)
+            # (an adaptive rule's products of its update are made in the identities' step: no sums-only arm)
+            insts = _instruments(ns.sample_every, ns.torch_ops and dev.type == "cpu", sums=cfg.optimizer == "sgd")
+            part = _interleaved(work, insts, report, cfg)
             rows += part
             print(_overhead_table(part))
             if dev.type == "cuda":

@@ -319,3 +319,33 @@ def test_lr_schedule_changes_the_lr_of_every_arm_at_every_step():
         assert arm.lrs == [cnn.lr * (1.0 / (1.0 + k / 100)) for k in range(5)]  # (LambdaLR: base lr × factor)
     assert isinstance(arm, Tracked) and arm.tracker is not None and arm.tracker.step == 5
     assert bench._workloads(bench.Config(quick=True))[0].scheduler(torch.optim.SGD([torch.zeros(1)], lr=1.0)) is None
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adamw"])
+def test_optimizer_option_and_the_floor_reads_every_buffer(rule):
+    """``--optimizer``: the workloads' optimizer; the floor reads θ, g and each of its buffers of θ's shape
+    (the momentum buffer v, or Adam's m and v), one norm each."""
+    cnn, _ = bench._workloads(bench.Config(quick=True, optimizer=rule))
+    model = cnn.make()
+    opt = cnn.optimizer(model)
+    assert type(opt) is (torch.optim.AdamW if rule == "adamw" else torch.optim.SGD)
+    report = bench._report_of(cnn)
+    floor = bench._Floor()
+    floor.attach(model, opt, report)
+    x, y = cnn.batches[0]
+    try:
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    finally:
+        floor.close()
+    params = bench._monitored(model, report)
+    buffers = 2 if rule == "adamw" else 1
+    assert len(floor.last) == (2 + buffers) * len(params)
+    state = opt.state[params[0]]
+    want = [params[0].norm(), params[0].grad.norm(),
+            *[state[k].norm() for k in (("exp_avg", "exp_avg_sq") if rule == "adamw" else ("momentum_buffer",))]]
+    n = len(params)
+    got = [floor.last[0], floor.last[n], *floor.last[2 * n : 2 * n + buffers]]  # (the buffers: per parameter)
+    torch.testing.assert_close(torch.stack(got), torch.stack(want))
