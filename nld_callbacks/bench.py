@@ -321,7 +321,8 @@ class _Sums(_AfterStep):
 
     The products and linear sums :class:`NoetherTracker`'s post-step hook reads (its pre-step hook
     takes them over from the last post-step), by the same layout and kernel, with no identities,
-    laws or maps: the part of a tracked step that no per-neuron work can avoid.
+    laws or maps: the part of a tracked step that no per-neuron work can avoid. Under Adam: θ, m and
+    v, the update u formed as they are read (on the compiled kernel).
     """
 
     label = "nld sums only"
@@ -696,11 +697,11 @@ def _sample_every_arg(text: str) -> int | str:
     return k
 
 
-def _instruments(sample_every: int | str, torch_ops: bool = False, sums: bool = True) -> list[_Instrument]:
+def _instruments(sample_every: int | str, torch_ops: bool = False) -> list[_Instrument]:
     ours: list[_Instrument] = [_Tracker(1), _Tracker(50), _Tracker(50, sample_every)]
     if torch_ops:  # the same tracker without the compiled kernel, side by side
         ours += [_Tracker(1, compiled=False), _Tracker(50, compiled=False)]
-    return [*ours, *([_Sums()] if sums else []), _Floor(), _GradNorm(), _ItemLogger()]
+    return [*ours, _Sums(), _Floor(), _GradNorm(), _ItemLogger()]
 
 
 # ------------------------------------------------------------------- Lightning
@@ -1140,9 +1141,7 @@ def main(argv: Sequence[str]) -> int:
             report = _report_of(work)
             print(f"\n[{work.name}] {work.describe}: {len(report.groups)} groups, "
                   f"{sum(p.numel() for p in _monitored(work.make(), report)):,} monitored parameters")
-            # (an adaptive rule's products of its update are made in the identities' step: no sums-only arm)
-            insts = _instruments(ns.sample_every, ns.torch_ops and dev.type == "cpu", sums=cfg.optimizer == "sgd")
-            part = _interleaved(work, insts, report, cfg)
+            part = _interleaved(work, _instruments(ns.sample_every, ns.torch_ops and dev.type == "cpu"), report, cfg)
             rows += part
             print(_overhead_table(part))
             if dev.type == "cuda":

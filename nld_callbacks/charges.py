@@ -43,7 +43,7 @@ import torch
 from . import kernel as _kernel
 from .symmetries import Member, SymmetryGroup
 
-__all__ = ["ChargeLayout", "Restricted", "bilinear_reference", "linear_reference", "reduce_member"]
+__all__ = ["AdamDirection", "ChargeLayout", "Restricted", "bilinear_reference", "linear_reference", "reduce_member"]
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -301,6 +301,43 @@ class Restricted(Mapping[str, "torch.Tensor | None"]):
         return sum(1 for _ in self)
 
 
+class AdamDirection(Mapping[str, "torch.Tensor | None"]):
+    """Adam's update direction u = m̂ / (sqrt(v̂) + ε) of each tensor, made where it is read.
+
+    ``m`` and ``v``: name → the first and second moment (``max_exp_avg_sq`` under AMSGrad);
+    ``scalars``: name → (1 − β1^t, sqrt(1 − β2^t), ε), the first two 0-dim float64 tensors (made
+    from the step counts by torch ops: nothing is read on the host). Per entry
+    u = (m / bc1) / (sqrt(v) / bc2s + ε) in the tensors' dtype, as torch's own Adam orders it. With
+    the compiled kernel :meth:`ChargeLayout.reduce_many` forms u inside its one read of m and v and
+    keeps nothing; elsewhere (torch ops) ``self[name]`` makes it, one new tensor.
+
+    Example:
+        >>> import torch
+        >>> m, v, one = torch.tensor([0.2, -0.4]), torch.tensor([0.04, 0.16]), torch.tensor(1.0, dtype=torch.float64)
+        >>> AdamDirection({"w": m}, {"w": v}, {"w": (one, one, 0.0)})["w"].tolist()
+        [1.0, -1.0]
+    """
+
+    def __init__(self, m: Mapping[str, torch.Tensor], v: Mapping[str, torch.Tensor],
+                 scalars: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        self.m, self.v, self.scalars = m, v, scalars
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        bc1, bc2s, eps = self.scalars[name]
+        return (self.m[name] / bc1) / (self.v[name].sqrt().div_(bc2s).add_(eps))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.scalars)
+
+    def __len__(self) -> int:
+        return len(self.scalars)
+
+
+class _AdamU(ctypes.Structure):  # the kernel's ``adam_u``
+    _fields_ = [("m", ctypes.c_void_p), ("v", ctypes.c_void_p), ("bc1", ctypes.c_void_p),
+                ("bc2s", ctypes.c_void_p), ("eps", ctypes.c_double)]
+
+
 @dataclass(frozen=True)
 class _KernelPlan:
     """The compiled kernel's jobs for one structure of a :meth:`ChargeLayout.reduce_many` call.
@@ -384,7 +421,8 @@ class ChargeLayout:
             the group neurons and groups with it (:meth:`to_groups`, :meth:`per_group`: one call
             for any number of rows, which are read where they are). ``None`` (default): where it
             can be built and the call's tensors suit it (contiguous, on the CPU, float32 or
-            float64, at most four distinct tensors per parameter), torch ops otherwise; ``False``:
+            float64, at most four distinct tensors per parameter, or three with an
+            :class:`AdamDirection`, whose u it forms as it reads m and v), torch ops otherwise; ``False``:
             torch ops only; ``True``: the kernel or an error if it cannot be built.
 
     Cost of one :meth:`reduce_many` call with the compiled kernel (CPU): one call, which reads every
@@ -608,18 +646,40 @@ class ChargeLayout:
                     roots.append(M)
                 ends.append((r, names))
             form.append(tuple(ends))
-        tensors = [[M.get(p) for p in self.params] for M in roots]
+        # every root's tensor of each parameter; an Adam direction's: its (m, v) and its scalars,
+        # whose address the kernel reads (code + 2: formed from them)
+        tensors: list[list[Any]] = []
+        derived: dict[tuple[int, int], _AdamU] = {}
         codes: list[int | None] = []
-        for ts in tensors:
-            for t, shape in zip(ts, self._shape_of):
-                if t is None:
+        for r, M in enumerate(roots):
+            adam = M if isinstance(M, AdamDirection) else None
+            row: list[Any] = []
+            for i, (p, shape) in enumerate(zip(self.params, self._shape_of)):
+                ts: tuple[torch.Tensor | None, ...]
+                if adam is None:
+                    ts = (M.get(p),)
+                else:  # (its m and v: u is formed in the kernel, never made here)
+                    ts = (adam.m.get(p), adam.v.get(p)) if p in adam.scalars else (None,)
+                first = ts[0]
+                if first is None:
+                    row.append(None)
                     codes.append(None)
                     continue
                 # anything else (a GPU tensor, a strided view, a wrong shape) goes to torch ops
-                code = _KERNEL_DTYPES.get(t.dtype)
-                if code is None or not t.is_cpu or t.shape != shape or not t.is_contiguous():
+                code = _KERNEL_DTYPES.get(first.dtype)
+                if code is None or any(t is None or t.dtype != first.dtype or not t.is_cpu or t.shape != shape
+                                       or not t.is_contiguous() for t in ts):
                     return False
+                if adam is not None:
+                    second = ts[-1]
+                    bc1, bc2s, eps = adam.scalars[p]
+                    if second is None or any(c.dtype != torch.float64 or not c.is_cpu for c in (bc1, bc2s)):
+                        return False
+                    derived[r, i] = _AdamU(first.data_ptr(), second.data_ptr(), bc1.data_ptr(), bc2s.data_ptr(), eps)
+                    code += 2
+                row.append(first)
                 codes.append(code)
+            tensors.append(row)
         key = (tuple(form), tuple(codes))
         if key in self._kplans:
             kp = self._kplans[key]
@@ -628,7 +688,8 @@ class ChargeLayout:
         if kp is None:
             return False
         assert self._lib is not None
-        ptrs = (ctypes.c_int64 * len(kp.slots))(*[tensors[r][i].data_ptr() for r, i in kp.slots])  # type: ignore[union-attr]
+        ptrs = (ctypes.c_int64 * len(kp.slots))(*[ctypes.addressof(derived[r, i]) if (r, i) in derived
+                                                  else tensors[r][i].data_ptr() for r, i in kp.slots])
         if kp.zero:
             out.zero_()
         parts = kp.parts(torch.get_num_threads())  # as many threads as torch's own CPU ops use
@@ -663,17 +724,18 @@ class ChargeLayout:
             if not asks:
                 continue
             used = sorted({r for _, a, b in asks for r in (a, b) if r is not None})
-            # a tensor whose square no pair asks for goes last: the kernel then skips that product
-            unsquared = [r for r in used if not any(a == b == r for _, a, b in asks)]
+            made = [r for r in used if (codes[r * P + i] or 0) >= 2]  # a derived tensor (Adam's u)
+            # a tensor whose square no pair asks for goes last: the kernel then skips that product;
+            # a derived one goes last in any case (the kernel forms it there, and its square)
+            unsquared = made or [r for r in used if not any(a == b == r for _, a, b in asks)]
             if unsquared:
                 used.remove(unsquared[-1])
                 used.append(unsquared[-1])
             K = len(used)
-            dtypes = {codes[r * P + i] for r in used}
-            if K > 4 or len(dtypes) > 1:
+            dtypes = {(codes[r * P + i] or 0) & 1 for r in used}
+            if K > (3 if made else 4) or len(dtypes) > 1 or len(made) > 1:
                 return None
-            code = dtypes.pop()
-            assert code is not None  # every tensor of `used` is present
+            code = dtypes.pop() + (2 if made else 0)
             at = {r: n for n, r in enumerate(used)}
             qs = []
             for _, a, b in asks:

@@ -24,8 +24,12 @@ sums over ``j`` and ``c`` (one per ``i``; the rows and columns of one matrix in 
     res[out + j // per]   = Σ_{j' : j' // per = j // per}   Σ_{i, c} t_a[i, j', c] · t_b[i, j', c]
     res[out0 + i // per0] = Σ_{i' : i' // per0 = i // per0} Σ_{j, c} t_a[i', j, c] · t_b[i', j, c]
 
-(a linear sum without the second factor). Every tensor of a job is read once, whatever the number
-of sums. The float64 arithmetic is the costly part: the linear sums, the second reduction and the
+(a linear sum without the second factor). ``dtype`` 2 or 3 (float32 or float64) marks a job whose
+last tensor is derived, Adam's update direction (1 to 3 tensors): its address is an ``adam_u``
+record (the addresses of m, v and of the float64 bias corrections, and ε), and the kernel forms
+u = (m / bc1) / (sqrt(v) / bc2s + ε) of each entry as it reads m and v, in the tensors' dtype with
+IEEE square roots and divisions; u is never stored. Every tensor of a job is read once, whatever
+the number of sums. The float64 arithmetic is the costly part: the linear sums, the second reduction and the
 last tensor's square are skipped where no output wants them (the layout puts a tensor whose square
 is not asked for last). Each product is added with one fused multiply-add (the product exact,
 one rounding per addition), and each sum runs in a fixed order (8 lanes along ``c`` for rows of 8
@@ -98,6 +102,70 @@ INLINE vd ldv(const void *t, int64_t e, int dbl) {
 #endif
 }
 INLINE double ld1(const void *t, int64_t e, int dbl) { return dbl ? ((const double *)t)[e] : ((const float *)t)[e]; }
+
+/* a derived tensor, Adam's update direction u = m̂ / (sqrt(v̂) + ε): per entry
+   u = (m / bc1) / (sqrt(v) / bc2s + ε), in the tensors' dtype and in torch's order of operations
+   (the float64 constants rounded to float32 first for float32 tensors); bc1 and bc2s are read
+   where the caller made them (float64 numbers: the bias corrections of the tensor's step) */
+typedef struct { const void *m, *v; const double *bc1, *bc2s; double eps; } adam_u;
+/* the numbers of one job's derived tensor, read once per job (and rounded once for float32) */
+typedef struct { const void *m, *v; double bc1, bc2s, eps; float bc1f, bc2sf, epsf; } adam_job;
+INLINE adam_job adam_of(const adam_u *a) {
+    const double bc1 = *a->bc1, bc2s = *a->bc2s;
+    return (adam_job){a->m, a->v, bc1, bc2s, a->eps, (float)bc1, (float)bc2s, (float)a->eps};
+}
+INLINE vf vsqrtf(vf x) {
+#if defined(__AVX512F__)
+    return (vf)_mm256_sqrt_ps((__m256)x);
+#elif defined(__AVX__)
+    return (vf)_mm_sqrt_ps((__m128)x);
+#else
+    for (int l = 0; l < W; l++) x[l] = __builtin_sqrtf(x[l]);
+    return x;
+#endif
+}
+INLINE vd vsqrtd(vd x) {
+#if defined(__AVX512F__)
+    return (vd)_mm512_sqrt_pd((__m512d)x);
+#elif defined(__AVX__)
+    return (vd)_mm256_sqrt_pd((__m256d)x);
+#else
+    for (int l = 0; l < W; l++) x[l] = __builtin_sqrt(x[l]);
+    return x;
+#endif
+}
+INLINE vd ldu(const void *p, int64_t e, int dbl) {
+    const adam_job *a = (const adam_job *)p;
+    if (dbl) {
+        const vd m = ldv(a->m, e, 1), v = ldv(a->v, e, 1);
+        return (m / a->bc1) / (vsqrtd(v) / a->bc2s + a->eps);
+    }
+    vf m, v;
+    memcpy(&m, (const float *)a->m + e, sizeof m);
+    memcpy(&v, (const float *)a->v + e, sizeof v);
+    const vf u = (m / a->bc1f) / (vsqrtf(v) / a->bc2sf + a->epsf);
+#ifdef __AVX512F__
+    return (vd)_mm512_cvtps_pd((__m256)u);
+#else
+    return __builtin_convertvector(u, vd);
+#endif
+}
+INLINE double ld1u(const void *p, int64_t e, int dbl) {
+    const adam_job *a = (const adam_job *)p;
+    if (dbl) {
+        const double m = ((const double *)a->m)[e], v = ((const double *)a->v)[e];
+        return (m / a->bc1) / (__builtin_sqrt(v) / a->bc2s + a->eps);
+    }
+    const float m = ((const float *)a->m)[e], v = ((const float *)a->v)[e];
+    return (m / a->bc1f) / (__builtin_sqrtf(v) / a->bc2sf + a->epsf);
+}
+/* tensor k of K: bit 0 of `dbl` the dtype (float64), bit 1 a derived last tensor */
+INLINE vd ldk(const void *const *t, int k, int K, int64_t e, int dbl) {
+    return (dbl & 2) && k == K - 1 ? ldu(t[k], e, dbl & 1) : ldv(t[k], e, dbl & 1);
+}
+INLINE double ld1k(const void *const *t, int k, int K, int64_t e, int dbl) {
+    return (dbl & 2) && k == K - 1 ? ld1u(t[k], e, dbl & 1) : ld1(t[k], e, dbl & 1);
+}
 INLINE vd ldd(const double *p) { vd d; memcpy(&d, p, sizeof d); return d; }
 INLINE void stv(double *p, vd d) { memcpy(p, &d, sizeof d); }
 /* c + a·b with one rounding, written out: the same bits in every specialised copy (the build
@@ -143,7 +211,7 @@ INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int
         for (int q = 0; q < Q; q++) acc[q] = ldd(tmp[q] + jj);
         for (int r = 0; r < NB; r++) {
             vd f[4];
-            for (int k = 0; k < K; k++) f[k] = ldv(t[k], (i0 + r) * J + j0 + jj, dbl);
+            for (int k = 0; k < K; k++) f[k] = ldk(t, k, K, (i0 + r) * J + j0 + jj, dbl);
             SUMS(acc, f);
             if (R) SUMS(racc[r], f);
         }
@@ -153,7 +221,7 @@ INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int
         for (int r = 0; r < NB; r++)
             for (int64_t c = 0; c < C; c++) {
                 double f[4], p[QMAX];
-                for (int k = 0; k < K; k++) f[k] = ld1(t[k], ((i0 + r) * J + j0 + jj) * C + c, dbl);
+                for (int k = 0; k < K; k++) f[k] = ld1k(t, k, K, ((i0 + r) * J + j0 + jj) * C + c, dbl);
                 for (int q = 0; q < Q; q++) p[q] = 0;
                 SUMS(p, f);
                 for (int q = 0; q < Q; q++) { tmp[q][jj] += p[q]; rtail[r][q] += p[q]; }
@@ -185,6 +253,11 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
     const int NB = NBROWS(K, L, R);
     const void *t[4];
     for (int k = 0; k < K; k++) t[k] = (const void *)ptrs[jb[7 + k]];
+    adam_job derived;
+    if (dbl & 2) { /* the derived tensor's numbers, once for the job */
+        derived = adam_of((const adam_u *)t[K - 1]);
+        t[K - 1] = &derived;
+    }
     for (int q = 0; q < Q; q++) {
         if (out[q] >= 0) memset(res + out[q], 0, sizeof(double) * (J / per));
         if (R && out0[q] >= 0) memset(res + out0[q], 0, sizeof(double) * (A / per0));
@@ -200,12 +273,12 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
                 for (int q = 0; q < Q; q++) { acc[q] = (vd){0}; tail[q] = 0; }
                 for (int64_t c = 0; c < CW; c += W) {
                     vd f[4];
-                    for (int k = 0; k < K; k++) f[k] = ldv(t[k], base + c, dbl);
+                    for (int k = 0; k < K; k++) f[k] = ldk(t, k, K, base + c, dbl);
                     SUMS(acc, f);
                 }
                 for (int64_t c = CW; c < C; c++) {
                     double f[4];
-                    for (int k = 0; k < K; k++) f[k] = ld1(t[k], base + c, dbl);
+                    for (int k = 0; k < K; k++) f[k] = ld1k(t, k, K, base + c, dbl);
                     SUMS(tail, f);
                 }
                 for (int q = 0; q < Q; q++) {
@@ -251,11 +324,18 @@ typedef void (*job_fn)(const int64_t *, const int64_t *, double *);
 #define FNS(D) FNS_S(D, 0, 0) FNS_S(D, 0, 1) FNS_S(D, 1, 0) FNS_S(D, 1, 1)
 FNS(0)
 FNS(1)
+/* jobs whose last tensor is derived (D = 2, 3: float32, float64): 1 to 3 tensors, every square formed */
+#define FNS_U(D, R, L) FN(D, R, L, 0, 1) FN(D, R, L, 0, 2) FN(D, R, L, 0, 3)
+FNS_U(2, 0, 0) FNS_U(2, 0, 1) FNS_U(2, 1, 0) FNS_U(2, 1, 1)
+FNS_U(3, 0, 0) FNS_U(3, 0, 1) FNS_U(3, 1, 0) FNS_U(3, 1, 1)
 #define ROW(D, R, L, S) {job_##D##R##L##0##1, job_##D##R##L##S##2, job_##D##R##L##S##3, job_##D##R##L##0##4}
 #define ROWS(D, R, L) {ROW(D, R, L, 0), ROW(D, R, L, 1)}
-static const job_fn JOBS[2][2][2][2][4] = {
+#define ROW_U(D, R, L) {{job_##D##R##L##0##1, job_##D##R##L##0##2, job_##D##R##L##0##3, 0}, {0, 0, 0, 0}}
+static const job_fn JOBS[4][2][2][2][4] = {
     {{ROWS(0, 0, 0), ROWS(0, 0, 1)}, {ROWS(0, 1, 0), ROWS(0, 1, 1)}},
-    {{ROWS(1, 0, 0), ROWS(1, 0, 1)}, {ROWS(1, 1, 0), ROWS(1, 1, 1)}}};
+    {{ROWS(1, 0, 0), ROWS(1, 0, 1)}, {ROWS(1, 1, 0), ROWS(1, 1, 1)}},
+    {{ROW_U(2, 0, 0), ROW_U(2, 0, 1)}, {ROW_U(2, 1, 0), ROW_U(2, 1, 1)}},
+    {{ROW_U(3, 0, 0), ROW_U(3, 0, 1)}, {ROW_U(3, 1, 0), ROW_U(3, 1, 1)}}};
 
 /* every job of a table; returns the number of table entries read */
 int64_t nld_run(int64_t n_jobs, const int64_t *ptrs, const int64_t *jobs, double *res) {
@@ -270,7 +350,8 @@ int64_t nld_run(int64_t n_jobs, const int64_t *ptrs, const int64_t *jobs, double
             linear |= q > last && (out[q] >= 0 || out0[q] >= 0);
             rows |= out0[q] >= 0;
         }
-        JOBS[jb[4]][rows][linear][!square][K - 1](ptrs, jb, res);
+        /* (a derived tensor's square is formed whether or not it is written) */
+        JOBS[jb[4]][rows][linear][jb[4] < 2 && !square][K - 1](ptrs, jb, res);
         jb += 7 + K + 2 * QT;
     }
     return jb - jobs;

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import theory
-from .charges import ChargeLayout, Restricted, host_to_device
+from .charges import AdamDirection, ChargeLayout, Restricted, host_to_device
 from .optim import Hyper, OptimizerModel, adaptive_tensors, optimizer_model
 from .symmetries import SymmetryGroup, SymmetryReport, find_symmetries
 from .tensorboard import Dashboard, bin_on_device, tag, write_scalars
@@ -955,7 +955,8 @@ class NoetherTracker:
         """The products and linear sums the coming hook will ask for (``grads`` None: the pre-hook's).
 
         Named as :meth:`_product` asks for them: ``θθ`` = B(θ, θ), ``θg``, ``θv``, ``vg``, ``vv``,
-        ``gg``, and the linear charges' sums ``T`` (of θ), ``Sg`` (of g), ``S`` (of v). With
+        ``gg`` (Adam: ``θu`` and ``uu`` of its update u instead, see :meth:`_adam_direction`), and
+        the linear charges' sums ``T`` (of θ), ``Sg`` (of g), ``S`` (of v). With
         ``carry`` also B(θ, v) and S, for the next step. They are evaluated in one fused batch
         (:meth:`ChargeLayout.reduce_many`); a product missing here is still computed when asked for.
         """
@@ -965,8 +966,13 @@ class NoetherTracker:
         pre = grads is None
         if supported and pre and momentum:
             pairs["θv"] = (theta, bufs)
-        elif supported and grads is not None and self.opt_model.rule not in ("adam", "rmsprop"):
-            # (an adaptive rule's identities read its update u instead: see _terms)
+        elif supported and grads is not None and self.opt_model.rule in ("adam", "rmsprop"):
+            # an adaptive rule's identities read its update u: Adam's formed inside this read (on
+            # the CPU kernel; elsewhere _terms makes it)
+            direction = self._adam_direction(optimizer, self._hypers(), grads)
+            if direction is not None:
+                pairs.update({"θu": (theta, direction), "uu": (direction, direction)})
+        elif supported and grads is not None:
             pairs["θg"] = (theta, grads)
             nesterov = any(g.get("nesterov", False) for g in optimizer.param_groups)
             if momentum:
@@ -1141,7 +1147,12 @@ class NoetherTracker:
         zeros = torch.zeros_like(Q0)
         bufs = state_bufs if families & {"heavy_ball", "nesterov", "sgdw"} else {}
         adaptive = None
-        if "adam" in families:
+        update: Mapping[str, Tensor | None] = {}
+        formed = "uu" in self._rows  # Adam's u formed inside the fused read (_fused_pairs): B(θ, u), B(u, u)
+        if formed:  # u as tensors only for the linear charges' sums
+            linear = {n: self._params[n] for n in info.linear_params}
+            adaptive = adaptive_tensors(optimizer, linear, hyp, grads)
+        elif "adam" in families:
             # the optimizer's own tensors: DTensors when sharded (their updates are made local below)
             dgrads = {n: p.grad for n, p in self._params.items()} if self._sharded else grads
             adaptive = adaptive_tensors(optimizer, self._params, hyp, dgrads)
@@ -1149,6 +1160,7 @@ class NoetherTracker:
                 adaptive = dataclasses.replace(adaptive, **{f: None if getattr(adaptive, f) is None else
                                                            {n: _local(t) for n, t in getattr(adaptive, f).items()}
                                                            for f in ("update", "metric", "drive")})
+            update = adaptive.update
         quad: dict[str, theory.StepTerms] = {}
         G = K = UU = None
         metric = None
@@ -1174,7 +1186,10 @@ class NoetherTracker:
                 if "sgdw" in families:
                     quad["sgdw"] = theory.sgdw_step(P0=P, X=X, Y=Y, K=K, momentum=coef["momentum"], **kw)
             if adaptive is not None:
-                U, UU = lay.reduce_many([(theta, adaptive.update), (adaptive.update, adaptive.update)])
+                if formed:
+                    U, UU = self._rows["θu"], self._rows["uu"]
+                else:
+                    U, UU = lay.reduce_many([(theta, update), (update, update)])
                 quad["adam"] = theory.adaptive_step(Q0=Q0, Q1=Q1, U=U, UU=UU, lr=lr, decay=coef["decay"])
                 if adaptive.metric is not None and adaptive.drive is not None:
                     gtheta = {n: None if m is None else m * theta[n] for n, m in adaptive.metric.items()}
@@ -1228,6 +1243,36 @@ class NoetherTracker:
             lin = _merge(lin_out, fam)
         return _Step(quad=_merge(quad, fam) if quad else None, linear=lin, T1=T1, abs1=A1, coef=coef, drive=drive,
                      eq_drive=eq_drive, UU=UU, metric=metric, fresh=all(first.values()) if first else True)
+
+    def _adam_direction(self, optimizer: torch.optim.Optimizer, hyp: Mapping[str, Hyper],
+                        grads: Mapping[str, Tensor | None]) -> AdamDirection | None:
+        """Adam's u of every stepped tensor, for the compiled kernel to form as it reads m and v.
+
+        ``None`` where the tensors are made instead (:func:`~nld_callbacks.optim.adaptive_tensors`):
+        off the CPU kernel, under sharding, for RMSprop, or where the metric identity needs G and d
+        (β1 = 0). The bias corrections are those of ``adaptive_tensors``: the same torch ops on
+        the step counts, per param group, nothing read on the host.
+        """
+        lay = self.layout
+        if lay is None or lay._lib is None or self._sharded or any(
+                h.rule != "adam" or h.metric for h in hyp.values()):
+            return None
+        stepped: dict[Hyper, list[str]] = {}
+        for n, p in self._params.items():
+            if grads[n] is not None and optimizer.state.get(p):
+                stepped.setdefault(hyp[n], []).append(n)
+        m: dict[str, Tensor] = {}
+        v: dict[str, Tensor] = {}
+        scalars: dict[str, tuple[Tensor, Tensor, float]] = {}
+        for h, names in stepped.items():
+            states = [optimizer.state[self._params[n]] for n in names]
+            steps = torch.stack([torch.as_tensor(st["step"]) for st in states]).to(torch.float64)
+            bc1 = (1.0 - h.momentum**steps).unbind()
+            bc2s = (1.0 - h.beta2**steps).sqrt().unbind()
+            for n, st, b1, b2 in zip(names, states, bc1, bc2s):
+                m[n], v[n] = st["exp_avg"], st["max_exp_avg_sq" if h.amsgrad else "exp_avg_sq"]
+                scalars[n] = (b1, b2, h.eps)
+        return AdamDirection(m, v, scalars)
 
     def _group_coefficients(self, per_param: Tensor, one: bool = False) -> dict[str, Tensor]:
         """Group-neuron means of the per-parameter coefficients (once per coefficient change).

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nld_callbacks import kernel
-from nld_callbacks.charges import ChargeLayout, Restricted, bilinear_reference, linear_reference
+from nld_callbacks.charges import AdamDirection, ChargeLayout, Restricted, bilinear_reference, linear_reference
 from nld_callbacks.symmetries import Member, SymmetryGroup
 
 needs_kernel = pytest.mark.skipif(kernel.load() is None, reason="no C compiler: the kernel cannot be built")
@@ -94,6 +94,64 @@ def test_kernel_matches_the_reference_loop(dtype):
             if isinstance(ref, dict) and grp.key != "translation/head":
                 continue  # the restricted mappings' linear sums cover the head only
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=grp.key)
+
+
+def _adam(dtype):
+    """θ, Adam's m and v (v ≥ 0), the bias corrections and ε of step 3 (β 0.9, 0.999) per tensor, and
+    u = (m / bc1) / (sqrt(v) / bc2s + ε) made by NumPy in the tensors' dtype: IEEE operations, each
+    correctly rounded (torch's CPU sqrt can be one unit in the last place off; its divisions are not)."""
+    import numpy as np
+
+    th, m, v = _tensors(0, dtype), _tensors(1, dtype), {n: t.abs() * 1e-3 for n, t in _tensors(2, dtype).items()}
+    bc1, bc2s, eps = 1 - 0.9**3, math.sqrt(1 - 0.999**3), 1e-8
+    f = np.float32 if dtype == torch.float32 else np.float64
+    u = {n: torch.from_numpy((m[n].numpy() / f(bc1)) / (np.sqrt(v[n].numpy()) / f(bc2s) + f(eps))) for n in SHAPES}
+    scalars = {n: (torch.tensor(bc1, dtype=torch.float64), torch.tensor(bc2s, dtype=torch.float64), eps)
+               for n in SHAPES}
+    return th, AdamDirection(m, v, scalars), u
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_adam_direction_is_formed_inside_the_read(dtype):
+    """An Adam direction's products: u formed from m and v as the kernel reads them (no tensor made),
+    with the bits of u made by torch ops first, on every path of the kernel (rows, columns, short
+    rows, rows and columns in one job, blocks, whole tensors, linear sums)."""
+    th, direction, u = _adam(dtype)
+    made_here = []
+
+    class Counted(AdamDirection):
+        def __getitem__(self, name):
+            made_here.append(name)
+            return super().__getitem__(name)
+
+    direction = Counted(direction.m, direction.v, direction.scalars)
+    lin = ["head.weight", "head.bias"]
+    pairs = [(th, th), (th, direction), (direction, direction), (Restricted(direction, lin), None)]
+    lay = ChargeLayout(GROUPS, SHAPES, kernel=True)
+    out = lay.reduce_many(pairs)
+    (kp,) = lay._kplans.values()
+    assert kp is not None and lay._plans == {} and made_here == []  # no u made as a tensor
+    made = lay.reduce_many([(th, th), (th, u), (u, u), (Restricted(u, lin), None)])
+    assert torch.equal(out, made)  # the same u, the same sums
+    u64 = {n: t.double() for n, t in u.items()}
+    for row, ref in zip(out[1:], [(th, u64), (u64, u64), u64]):
+        for grp, got in zip(GROUPS, _groups(lay, row)):
+            if isinstance(ref, dict):
+                if grp.key != "translation/head":
+                    continue  # the restricted mapping's linear sums cover the head only
+                want = linear_reference(grp, ref)
+            else:
+                want = bilinear_reference(grp, {n: t.double() for n, t in ref[0].items()}, ref[1])
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=grp.key)
+    # torch ops: each u made as it is read (float32 products and sums there)
+    ops = ChargeLayout(GROUPS, SHAPES, kernel=False).reduce_many(pairs)
+    torch.testing.assert_close(ops, out, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-9)
+    # a tensor the kernel cannot read (a strided m) sends the call to torch ops
+    strided = AdamDirection({**direction.m, "conv.weight": direction.m["conv.weight"].transpose(0, 1).contiguous()
+                             .transpose(0, 1)}, direction.v, direction.scalars)
+    again = lay.reduce_many([(th, strided), (strided, strided)])
+    torch.testing.assert_close(again, out[1:3], rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-9)
 
 
 @needs_kernel
@@ -258,6 +316,7 @@ def test_a_kernel_built_for_avx2_has_the_same_sums(fresh_kernel, monkeypatch, tm
     assert kernel.load() is not None
     for dtype in (torch.float32, torch.float64):
         test_kernel_matches_the_reference_loop(dtype)
+        test_adam_direction_is_formed_inside_the_read(dtype)
     for shape in ((1, 37, 100), (9, 1030, 1), (5, 7, 3)):
         test_a_sum_has_the_same_bits_in_every_specialised_job(shape)
 

@@ -606,7 +606,24 @@ ADAPTIVE = [
 @pytest.mark.parametrize("case", ADAPTIVE, ids=[c["id"] for c in ADAPTIVE])
 def test_adaptive_optimizers_against_the_real_step(case, device):
     """Adam/AdamW/RMSprop: the trivial identity closes at the float64 floor, the radial share and the
-    metric charge are the ones an independent computation from θ_t, θ_{t+1} and the state gives."""
+    metric charge are the ones an independent computation from θ_t, θ_{t+1} and the state gives.
+
+    On the CPU kernel Adam's u (β1 > 0) is formed inside the kernel's read of m and v, never made.
+    """
+    tracker = _adaptive_against_the_real_step(case, device)
+    formed = any((c or 0) >= 2 for key in tracker.layout._kplans for c in key[1])
+    assert formed == (tracker.layout._lib is not None and "adamw" in case["id"])
+
+
+@pytest.mark.parametrize("case", ADAPTIVE[2:4], ids=[c["id"] for c in ADAPTIVE[2:4]])
+def test_adaptive_optimizers_against_the_real_step_with_torch_ops_only(case, monkeypatch):
+    # where no compiler is found: u made by torch ops (as on a GPU), in place
+    monkeypatch.setenv("NLD_CALLBACKS_KERNEL", "0")
+    tracker = _adaptive_against_the_real_step(case, torch.device("cpu"))
+    assert tracker.layout._lib is None
+
+
+def _adaptive_against_the_real_step(case, device):
     torch.manual_seed(0)
     x, y = (t.to(device) for t in synthetic_classification(n=128, dtype=torch.float64))
     model = MLPBN(eps=1e-30).double().to(device)  # BN ε ≈ 0: R_t at the float64 floor
@@ -652,6 +669,7 @@ def test_adaptive_optimizers_against_the_real_step(case, device):
     m = tracker.logged[-1]
     assert "nld/scale/fc1/radial_update" in m and "nld/scale/fc1/nld" not in m  # no continuous law for Adam
     assert ("nld/scale/fc1/metric_charge" in m) == case["metric"]
+    return tracker
 
 
 def test_translation_and_rescale_groups_are_tracked_exactly():
