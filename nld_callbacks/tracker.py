@@ -683,6 +683,7 @@ class NoetherTracker:
         self._started = False
         self._bad_warned = False
         self._coef_cache: tuple[Any, dict[str, Tensor]] | None = None
+        self._shares: tuple[Any, Tensor] | None = None  # _setting_shares
         self._pre_linear: tuple[Tensor, Tensor | None] | None = None
         # θ_{t+1}-quantities of the last tracked step (Q, P, T, S) and the storages/versions they
         # were read from: the next pre-hook reuses them while nothing touched those tensors
@@ -847,10 +848,9 @@ class NoetherTracker:
         if self._coef_cache is not None and self._coef_cache[0] == key:
             return self._coef_cache[1]
         combos = list(dict.fromkeys(key))
-        host = _coefficient_table(combos)  # (F, H)
-        which = torch.tensor([combos.index(k) for k in key], dtype=torch.long)
-        host = host.index_select(1, which).contiguous()  # (F, P)
-        per_param = host_to_device(host, self.layout.device)
+        table = _coefficient_table(combos)  # (F, H)
+        which = [combos.index(k) for k in key]  # each parameter's column
+        per_param = host_to_device(table.index_select(1, torch.tensor(which)).contiguous(), self.layout.device)
         # kept per reduction: what the step identities read (the sign only under `maximize`, the
         # family only when several mix, decay and metric only for adaptive rules); the rest is
         # needed per group neuron only, mapped there straight from the parameters
@@ -867,7 +867,7 @@ class NoetherTracker:
         else:
             rows = kept.index_select(1, self.layout.param_of_reduction)
         coef: dict[str, Any] = dict(zip(names, rows))
-        coef["groups"] = self._group_coefficients(per_param, one=len(combos) == 1)
+        coef["groups"] = self._group_coefficients(table, which)
         self._coef_cache = (key, coef)
         return coef
 
@@ -1274,26 +1274,34 @@ class NoetherTracker:
                 scalars[n] = (b1, b2, h.eps)
         return AdamDirection(m, v, scalars)
 
-    def _group_coefficients(self, per_param: Tensor, one: bool = False) -> dict[str, Tensor]:
+    def _group_coefficients(self, table: Tensor, which: Sequence[int]) -> dict[str, Tensor]:
         """Group-neuron means of the per-parameter coefficients (once per coefficient change).
 
-        ``per_param``: the table's rows per parameter, ending in the 6 + 6 propagator rows
-        (quadratic, linear charges). ``one``: every parameter has the same column (one setting).
-        Then each mean is that column's value, exactly: the rates are 0-dim and nothing is mapped,
-        which keeps a coefficient change (an lr schedule's every step) cheap.
+        ``table``: the host's coefficient table, one column per setting (:func:`_coefficient_table`,
+        ending in the 6 + 6 propagator rows of quadratic and linear charges); ``which``: each
+        parameter's column. A neuron's mean is Σ_h w_h c_h over the settings h of its reductions,
+        with the shares w_h of :meth:`_setting_shares` (made once per assignment of settings to
+        parameters, so an lr schedule's every step costs a few operations). With one setting each
+        mean is that setting's value: the rates are 0-dim and nothing is mapped.
         """
         lay, info = self.layout, self._theory()
         assert lay is not None
         names = ("adaptive", "eff_factor", "eq_numel", "relax", "eq_coef", "eq_angle", "rms_decay")
-        rows = [per_param[_COEF_ROWS.index(n)] for n in names] + list(per_param[len(_COEF_ROWS) :])
+        rows = [_COEF_ROWS.index(n) for n in names] + list(range(len(_COEF_ROWS), len(table)))
+        cols = host_to_device(table.index_select(0, torch.tensor(rows)), lay.device)
         k = len(names)
-        if one and info.owned is None:  # (another rank's neurons take no reduction: NaN, as a mean over none)
-            col = torch.stack(rows)[:, 0]
+        if cols.shape[1] == 1 and info.owned is None:  # (another rank's neurons take no reduction: NaN)
+            col = cols[:, 0]
             g = dict(zip(names, col))
             per_neuron = col[:, None]  # broadcasts over the neurons
         else:
-            per_neuron = lay.params_to_groups(torch.stack(rows))
-            per_neuron /= info.count
+            shares = self._setting_shares(which, cols.shape[1])
+            # a setting's NaN (no law for its rule) reaches only the neurons it has a share in
+            per_neuron = torch.where(shares[0] > 0, cols[:, :1] * shares[0], 0.0)
+            for c, w in zip(cols.T[1:], shares[1:]):
+                per_neuron += torch.where(w > 0, c[:, None] * w, 0.0)
+            if info.owned is not None:
+                per_neuron = torch.where(info.count > 0, per_neuron, torch.nan)
             g = dict(zip(names, per_neuron))
         rms_decay = torch.where(info.scale, g["rms_decay"], torch.nan)
         # per-group means of the constants (equilibrium angle, relaxation time, RMSProp decay)
@@ -1309,6 +1317,20 @@ class NoetherTracker:
         return {"adaptive": flags[0], "eq_numel": eq_numel, "flags": flags.to(torch.float64),
                 "eff_factor": rates[0], "alpha": rates[1], "eq_coef": rates[2], "prop": prop,
                 "means": self._finite_mean(const)}
+
+    def _setting_shares(self, which: Sequence[int], n_settings: int) -> Tensor:
+        """(settings, group neurons): the share of each neuron's reductions on tensors of each setting.
+
+        Kept while the same parameters share a setting (an lr schedule changes the settings'
+        values, not which parameters share one).
+        """
+        lay, info = self.layout, self._theory()
+        assert lay is not None
+        key = (lay, tuple(which))
+        if self._shares is None or self._shares[0] != key:
+            onehot = torch.tensor([[float(h == i) for h in which] for i in range(n_settings)], dtype=torch.float64)
+            self._shares = (key, lay.params_to_groups(host_to_device(onehot, lay.device)) / info.count)
+        return self._shares[1]
 
     def _no_means(self) -> tuple[Tensor, Tensor]:
         """The constant means' rows when nothing is predicted: absent, over no neuron."""
