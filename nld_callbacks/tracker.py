@@ -1314,8 +1314,10 @@ class NoetherTracker:
         flags = torch.stack(torch.broadcast_tensors(g["adaptive"] > 0.5, torch.isfinite(rms_decay)))
         eq_numel = g["eq_numel"] > 0.5
         del g, per_neuron, rms_decay  # the all-rows table goes before the means (the first step's peak)
+        # (the held rows' values per neuron: one number expanded, made once here rather than every step)
+        eff_factor, eq_coef = (r.expand(lay.n_neurons) for r in (rates[0], rates[2]))
         return {"adaptive": flags[0], "eq_numel": eq_numel, "flags": flags.to(torch.float64),
-                "eff_factor": rates[0], "alpha": rates[1], "eq_coef": rates[2], "prop": prop,
+                "eff_factor": eff_factor, "alpha": rates[1], "eq_coef": eq_coef, "prop": prop,
                 "means": self._finite_mean(const)}
 
     def _setting_shares(self, which: Sequence[int], n_settings: int) -> Tensor:
@@ -1454,8 +1456,7 @@ class NoetherTracker:
             ema_w = torch.lerp(dyn["ema_w"], info.ones, alpha)
             # the last-value inputs: the rates, angles and means are made of them only when read
             new.update(pred=q0 + sym, tol=tol, step_sq=step_sq, nld=Qn, nld_rate=dQn, ema_x=ema_x, ema_w=ema_w,
-                       eff_factor=cg["eff_factor"].expand_as(q0), eq_coef=cg["eq_coef"].expand_as(q0),
-                       adaptive=cg["flags"][0],
+                       eff_factor=cg["eff_factor"], eq_coef=cg["eq_coef"], adaptive=cg["flags"][0],
                        rmsprop=cg["flags"][1])
             if has_UU:
                 new["radial"] = radial
