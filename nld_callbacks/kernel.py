@@ -29,12 +29,12 @@ last tensor is derived, Adam's update direction (1 to 3 tensors): its address is
 record (the addresses of m, v and of the float64 bias corrections, and ε), and the kernel forms
 u = (m / bc1) / (sqrt(v) / bc2s + ε) of each entry as it reads m and v, in the tensors' dtype with
 IEEE square roots and divisions; u is never stored. Every tensor of a job is read once, whatever
-the number of sums. The float64 arithmetic is the costly part: the linear sums, the second reduction and the
-last tensor's square are skipped where no output wants them (the layout puts a tensor whose square
-is not asked for last). Each product is added with one fused multiply-add (the product exact,
-one rounding per addition), and each sum runs in a fixed order (8 lanes along ``c`` for rows of 8
-or more entries, 4 on CPUs without AVX-512, then ``i`` in order): the same inputs give the same
-bits, in every job that asks for the sum.
+the number of sums. The float64 arithmetic is the costly part: the linear sums, the second
+reduction and the last tensor's square are skipped where no output wants them (the layout puts a
+tensor whose square is not asked for last). Each product is added with one fused multiply-add (the
+product exact, one rounding per addition), and each sum runs in a fixed order (8 lanes along ``c``
+for rows of 8 or more entries, 4 on CPUs without AVX-512, then ``i`` in order): the same inputs
+give the same bits, in every job that asks for the sum.
 
 Two more calls map float64 rows for the layout (each row read where it is, nothing stacked):
 ``nld_map`` adds each member's run of per-reduction values, times its sign, onto its run of group
