@@ -53,9 +53,11 @@ __all__ = [
     "AdaptiveTensors",
     "Hyper",
     "OptimizerModel",
+    "adam_bias_corrections",
     "adaptive_tensors",
     "optimizer_model",
     "register_optimizer",
+    "stepped_batches",
 ]
 
 Family = Literal["sgd", "heavy_ball", "nesterov", "sgdw", "adam"]
@@ -241,6 +243,26 @@ class AdaptiveTensors:
     drive: dict[str, Tensor | None] | None
 
 
+def stepped_batches(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], hyper: Mapping[str, Hyper],
+                    grads: Mapping[str, Tensor | None]) -> dict[Hyper, list[str]]:
+    """The parameters the step updated (a gradient and an optimizer state), by hyperparameters."""
+    batches: dict[Hyper, list[str]] = {}
+    for n, p in params.items():
+        if grads[n] is not None and optimizer.state.get(p):
+            batches.setdefault(hyper[n], []).append(n)
+    return batches
+
+
+def adam_bias_corrections(states: list[Mapping[str, Any]], h: Hyper) -> tuple[list[Tensor], list[Tensor]]:
+    """Adam's bias corrections 1 − β1^t and sqrt(1 − β2^t) of each state.
+
+    0-dim float64 tensors made from the state's step tensor as torch computes them (the step count
+    is never read on the host).
+    """
+    steps = torch.stack([torch.as_tensor(st["step"]) for st in states]).to(torch.float64)
+    return list((1.0 - h.momentum**steps).unbind()), list((1.0 - h.beta2**steps).sqrt().unbind())
+
+
 def adaptive_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor],
                      hyper: Mapping[str, Hyper], grads: Mapping[str, Tensor | None]) -> AdaptiveTensors:
     """The update direction u (and the metric G where it applies) of each parameter, after the step.
@@ -258,23 +280,14 @@ def adaptive_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, Tens
         hyper: name → the param group's hyperparameters.
         grads: name → the gradient the step consumed (``None``: skipped this step).
     """
-    update: dict[str, Tensor | None] = {}
-    metric: dict[str, Tensor | None] = {}
-    drive: dict[str, Tensor | None] = {}
-    batches: dict[Hyper, list[str]] = {}
-    for n, p in params.items():
-        if grads[n] is None or not optimizer.state.get(p):
-            update[n] = metric[n] = drive[n] = None
-        else:
-            batches.setdefault(hyper[n], []).append(n)
+    update: dict[str, Tensor | None] = dict.fromkeys(params)
+    metric: dict[str, Tensor | None] = dict.fromkeys(params)
+    drive: dict[str, Tensor | None] = dict.fromkeys(params)
     any_metric = False
-    for h, names in batches.items():
+    for h, names in stepped_batches(optimizer, params, hyper, grads).items():
         states = [optimizer.state[params[n]] for n in names]
         if h.rule == "adam":
-            # bias corrections in float64 from the step tensors, as torch computes them
-            steps = torch.stack([torch.as_tensor(st["step"]) for st in states]).to(torch.float64)
-            bc1 = list((1.0 - h.momentum**steps).unbind())
-            bc2_sqrt = list((1.0 - h.beta2**steps).sqrt().unbind())
+            bc1, bc2_sqrt = adam_bias_corrections(states, h)
             G = torch._foreach_sqrt([st["max_exp_avg_sq" if h.amsgrad else "exp_avg_sq"] for st in states])
             torch._foreach_div_(G, bc2_sqrt)
             torch._foreach_add_(G, h.eps)

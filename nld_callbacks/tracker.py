@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from . import theory
 from .charges import AdamDirection, ChargeLayout, Restricted, host_to_device
-from .optim import Hyper, OptimizerModel, adaptive_tensors, optimizer_model
+from .optim import Hyper, OptimizerModel, adam_bias_corrections, adaptive_tensors, optimizer_model, stepped_batches
 from .symmetries import SymmetryGroup, SymmetryReport, find_symmetries
 from .tensorboard import Dashboard, bin_on_device, tag, write_scalars
 
@@ -1257,19 +1257,12 @@ class NoetherTracker:
         if lay is None or lay._lib is None or self._sharded or any(
                 h.rule != "adam" or h.metric for h in hyp.values()):
             return None
-        stepped: dict[Hyper, list[str]] = {}
-        for n, p in self._params.items():
-            if grads[n] is not None and optimizer.state.get(p):
-                stepped.setdefault(hyp[n], []).append(n)
         m: dict[str, Tensor] = {}
         v: dict[str, Tensor] = {}
         scalars: dict[str, tuple[Tensor, Tensor, float]] = {}
-        for h, names in stepped.items():
+        for h, names in stepped_batches(optimizer, self._params, hyp, grads).items():
             states = [optimizer.state[self._params[n]] for n in names]
-            steps = torch.stack([torch.as_tensor(st["step"]) for st in states]).to(torch.float64)
-            bc1 = (1.0 - h.momentum**steps).unbind()
-            bc2s = (1.0 - h.beta2**steps).sqrt().unbind()
-            for n, st, b1, b2 in zip(names, states, bc1, bc2s):
+            for n, st, b1, b2 in zip(names, states, *adam_bias_corrections(states, h)):
                 m[n], v[n] = st["exp_avg"], st["max_exp_avg_sq" if h.amsgrad else "exp_avg_sq"]
                 scalars[n] = (b1, b2, h.eps)
         return AdamDirection(m, v, scalars)
