@@ -894,6 +894,7 @@ class ChargeLayout:
                     if t.mode == "rows":
                         continue
                     outs, n = self._outputs(pc, t)
+                    dims: tuple[int, ...]
                     if t.mode == "all":
                         src, dims = scratch[off : off + pc.numel].view(1, pc.numel), (1,)
                     else:

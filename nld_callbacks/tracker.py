@@ -46,6 +46,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Literal
 
 import torch
@@ -556,7 +557,8 @@ def _nested_step(optimizer: torch.optim.Optimizer) -> bool:
     Torch wraps every class's ``step`` with the hooks, so ``super().step()`` of the same optimizer
     fires them again. Stateless, so an exception inside a step can never leave the tracker deaf.
     """
-    frame, calls = sys._getframe(2), 0
+    frame: FrameType | None = sys._getframe(2)
+    calls = 0
     while frame is not None:
         if frame.f_code is _STEP_WRAPPER and frame.f_locals.get("self") is optimizer:
             calls += 1
@@ -1157,9 +1159,13 @@ class NoetherTracker:
             dgrads = {n: p.grad for n, p in self._params.items()} if self._sharded else grads
             adaptive = adaptive_tensors(optimizer, self._params, hyp, dgrads)
             if self._sharded:
-                adaptive = dataclasses.replace(adaptive, **{f: None if getattr(adaptive, f) is None else
-                                                           {n: _local(t) for n, t in getattr(adaptive, f).items()}
-                                                           for f in ("update", "metric", "drive")})
+                def local(d: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+                    return {n: _local(t) for n, t in d.items()}
+
+                a = adaptive
+                adaptive = dataclasses.replace(a, update=local(a.update),
+                                               metric=None if a.metric is None else local(a.metric),
+                                               drive=None if a.drive is None else local(a.drive))
             update = adaptive.update
         quad: dict[str, theory.StepTerms] = {}
         G = K = UU = None
@@ -1170,21 +1176,22 @@ class NoetherTracker:
                 # the sign of `maximize` enters every product with g (per tensor)
                 X = signed(self._product("θg", theta, grads))
                 if families & {"sgd", "nesterov"}:
-                    G = self._product("gg", grads, grads)
+                    G = gg = self._product("gg", grads, grads)
                 if bufs:
-                    Y, K = signed(self._product("vg", bufs, grads)), self._product("vv", bufs, bufs)
+                    Y, vv = signed(self._product("vg", bufs, grads)), self._product("vv", bufs, bufs)
+                    K = vv
                 kw = dict(Q0=Q0, Q1=Q1, lr=lr, wd=coef["wd"])
                 if "sgd" in families:
-                    quad["sgd"] = theory.sgd_step(X=X, G=G, **kw)
+                    quad["sgd"] = theory.sgd_step(X=X, G=gg, **kw)
                 if "heavy_ball" in families:
-                    quad["heavy_ball"] = theory.heavy_ball_step(P0=P, X=X, Y=Y, K=K, momentum=coef["momentum"],
+                    quad["heavy_ball"] = theory.heavy_ball_step(P0=P, X=X, Y=Y, K=vv, momentum=coef["momentum"],
                                                                 c=coef["c"], **kw)
                 if "nesterov" in families:
                     Z = self._product("θv", theta, bufs)
-                    quad["nesterov"] = theory.nesterov_step(P0=P, X=X, G=G, Y=Y, K=K, Z=Z, momentum=coef["momentum"],
-                                                            c=coef["c"], **kw)
+                    quad["nesterov"] = theory.nesterov_step(P0=P, X=X, G=gg, Y=Y, K=vv, Z=Z,
+                                                            momentum=coef["momentum"], c=coef["c"], **kw)
                 if "sgdw" in families:
-                    quad["sgdw"] = theory.sgdw_step(P0=P, X=X, Y=Y, K=K, momentum=coef["momentum"], **kw)
+                    quad["sgdw"] = theory.sgdw_step(P0=P, X=X, Y=Y, K=vv, momentum=coef["momentum"], **kw)
             if adaptive is not None:
                 if formed:
                     U, UU = self._rows["θu"], self._rows["uu"]

@@ -46,13 +46,19 @@ def _fully_shard_available():
 
 
 @pytest.mark.skipif(not _fully_shard_available(), reason="needs torch.distributed.fsdp.fully_shard and gloo")
-def test_fsdp_row_shards_all_gathered_once_per_logging_step(tmp_path):
+@pytest.mark.parametrize("rule, port", [("sgd", 29547), ("adamw", 29548)])
+def test_fsdp_row_shards_all_gathered_once_per_logging_step(tmp_path, rule, port):
     """FSDP2 on 2 CPU processes: every rank evaluates its shards, and one collective per logging step
     merges the ranks. Groups whose neurons are whole rows of the dim-0 shards log exactly what an
     unsharded tracker of the same run logs; groups whose neurons span the shards (columns of the next
     layer) log the same charges, predictions and laws from partial sums, per-shard residuals at the
-    rounding floor, and no per-neuron ratios."""
-    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "fsdp_fit.py"), str(tmp_path), "29547"],
+    rounding floor, and no per-neuron ratios.
+
+    Under AdamW the sharded tracker makes Adam's u with torch ops on its shards, the unsharded one
+    forms it in the compiled kernel (IEEE square roots): the two u can be one float32 ulp apart, so
+    what is made of u (the breaking term, the radial and angular updates, the residual) agrees to
+    that rounding only."""
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "fsdp_fit.py"), str(tmp_path), str(port), rule],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -70,7 +76,14 @@ def test_fsdp_row_shards_all_gathered_once_per_logging_step(tmp_path):
             assert got.keys() <= ref.keys() and any(k.endswith("effective_lr") for k in got)
             for k, v in got.items():
                 group = "/".join(k.split("/")[1:3])
-                if group in whole:
+                if group in whole and rule == "adamw" and k.endswith("/residual"):  # in units of the floor
+                    assert abs(v - ref[k]) < 1e-4, (k, v, ref[k])
+                elif group in whole and rule == "adamw" and k.endswith(("/breaking", "_update")):
+                    assert math.isclose(v, ref[k], rel_tol=1e-6), (k, v, ref[k])
+                elif group in whole and rule == "adamw" and k.endswith(("/band_upper", "/band_lower")):
+                    predicted = k.rsplit("/", 1)[0] + "/predicted"  # the band's width is made of u
+                    assert math.isclose(v - got[predicted], ref[k] - ref[predicted], rel_tol=1e-6), (k, v, ref[k])
+                elif group in whole:
                     assert math.isclose(v, ref[k], rel_tol=1e-12, abs_tol=1e-15), (k, v, ref[k])
                 elif k.endswith(("/charge", "/predicted", "/nld")):  # float32 sums in another order
                     assert math.isclose(v, ref[k], rel_tol=1e-6), (k, v, ref[k])
@@ -88,7 +101,10 @@ def test_fsdp_row_shards_all_gathered_once_per_logging_step(tmp_path):
             exact = f"{row['kind']}/{row['layer']}" in whole
             rel = 1e-12 if exact else 1e-6
             for k in ("charge_start", "charge_end", "delta_predicted", "charge_nld"):
-                assert math.isclose(row[k], ref[k], rel_tol=rel, abs_tol=1e-15), (k, row[k], ref[k])
+                made_of_u = rule == "adamw" and k == "delta_predicted"
+                no_law = math.isnan(row[k]) and math.isnan(ref[k])  # Adam's: no continuous law
+                assert no_law or math.isclose(row[k], ref[k], rel_tol=1e-6 if made_of_u else rel, abs_tol=1e-15), \
+                    (k, row[k], ref[k])
             assert math.isclose(row["delta_observed"], ref["delta_observed"],
                                 rel_tol=1e-12 if exact else 0.0, abs_tol=1e-15 if exact else 1e-6 * ref["charge_start"])
     assert ranks[0]["logged"] == ranks[1]["logged"]

@@ -3,7 +3,7 @@
 Each rank trains the sharded model and, beside it, an unsharded copy with the same start, data and
 optimizer under its own tracker: the reference the sharded tracker's logs are compared with. The
 script counts the tracker's collectives, and attaches a tracker to a model sharded on another dim
-(left out). Usage: fsdp_fit.py OUTDIR PORT
+(left out). Usage: fsdp_fit.py OUTDIR PORT [sgd|adamw]
 """
 
 import copy
@@ -24,7 +24,7 @@ from nld_callbacks.testing import MLPBN, synthetic_classification
 STEPS, EVERY = 6, 2
 
 
-def run(rank: int, out: Path, port: int) -> None:
+def run(rank: int, out: Path, port: int, rule: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from torch.distributed.fsdp import fully_shard
@@ -46,6 +46,8 @@ def run(rank: int, out: Path, port: int) -> None:
     dist.all_gather = counted
 
     def optimizer(m):
+        if rule == "adamw":
+            return torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05)
         return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
     opt, ref_opt = optimizer(model), optimizer(reference)
@@ -93,4 +95,4 @@ def run(rank: int, out: Path, port: int) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(Path(sys.argv[1]), int(sys.argv[2])), nprocs=2)
+    mp.spawn(run, args=(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "sgd"), nprocs=2)
