@@ -55,7 +55,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +70,8 @@ from .tracker import NoetherTracker
 __all__ = ["Stats", "count_ops", "main", "resnet_cnn", "wide_mlp", "bn_cnn_deep"]
 
 Batch = tuple[Tensor, Tensor]
+#: a tracker's sampling interval (``NoetherTracker(sample_every=...)``)
+SampleEvery = int | Literal["auto"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,12 +219,12 @@ def _clocked(tracker: NoetherTracker, inst: Any) -> list[Any]:
     return handles + [opt.register_step_pre_hook(stop), opt.register_step_post_hook(stop)]
 
 
-def _warmup_steps(sample_every: int | str, steps: int) -> int:
+def _warmup_steps(sample_every: SampleEvery, steps: int) -> int:
     """Untimed steps for a tracker sampling every ``sample_every`` steps: its one-time set-up stays out."""
     if sample_every == "auto":  # long enough for the interval to be measured and used
         return max(steps, 100)
     # the first two tracked steps build the reduction plans: with sampling they come late
-    return max(steps, 2 * sample_every) if sample_every != 1 else steps  # type: ignore[operator]
+    return max(steps, 2 * sample_every) if sample_every != 1 else steps
 
 
 @contextmanager
@@ -241,7 +244,9 @@ def _torch_ops_only() -> Iterator[None]:
 class _Tracker(_Instrument):
     """``NoetherTracker``; ``compiled=False``: its charge sums and maps by torch ops (the fallback)."""
 
-    def __init__(self, every: int, sample_every: int | str = 1, compiled: bool = True) -> None:
+    every: int
+
+    def __init__(self, every: int, sample_every: SampleEvery = 1, compiled: bool = True) -> None:
         self.every, self.sample_every, self.compiled = every, sample_every, compiled
         self.label = "nld" if sample_every == 1 else f"nld sampled {_sampling(sample_every)}"
         if not compiled:
@@ -510,7 +515,7 @@ def cpu_allocations(fn: Callable[[], Any]) -> list[int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     sizes: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         ev = stack.pop()
         if ev.tag == _EventType.Allocation:
@@ -628,7 +633,10 @@ def _interleaved(work: Workload, insts: Sequence[_Instrument], report: SymmetryR
     if memory:
         msteps = min(cfg.steps, 6)
         for i, arm in enumerate(arms):
-            mem[i] = peak_memory(lambda a=arm: _train(work, _fresh(a), report, msteps, 2, cfg.device), cfg.device)
+            def train(a: _Instrument = arm) -> Timing:
+                return _train(work, _fresh(a), report, msteps, 2, cfg.device)
+
+            mem[i] = peak_memory(train, cfg.device)
     rows = []
     base = runs[0]
     for i, arm in enumerate(arms):
@@ -683,21 +691,21 @@ def _report_of(work: Workload) -> SymmetryReport:
     return find_symmetries(model, work.batches[0][0])
 
 
-def _sampling(sample_every: int | str) -> str:
+def _sampling(sample_every: SampleEvery) -> str:
     """How a sampled arm is named: ``1/k`` or ``auto``."""
     return "auto" if sample_every == "auto" else f"1/{sample_every}"
 
 
-def _sample_every_arg(text: str) -> int | str:
+def _sample_every_arg(text: str) -> SampleEvery:
     if text == "auto":
-        return text
+        return "auto"
     k = int(text)
     if k < 1:
         raise ValueError(text)
     return k
 
 
-def _instruments(sample_every: int | str, torch_ops: bool = False) -> list[_Instrument]:
+def _instruments(sample_every: SampleEvery, torch_ops: bool = False) -> list[_Instrument]:
     ours: list[_Instrument] = [_Tracker(1), _Tracker(50), _Tracker(50, sample_every)]
     if torch_ops:  # the same tracker without the compiled kernel, side by side
         ours += [_Tracker(1, compiled=False), _Tracker(50, compiled=False)]
@@ -707,12 +715,12 @@ def _instruments(sample_every: int | str, torch_ops: bool = False) -> list[_Inst
 # ------------------------------------------------------------------- Lightning
 
 
-def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> list[Row]:
+def _lightning_rows(work: Workload, cfg: Config, sample_every: SampleEvery) -> list[Row]:
     """The CNN under a Lightning Trainer (TensorBoard logger in every arm), NoetherMonitor on/off."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities import grad_norm
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from .callback import NoetherMonitor
 
@@ -823,7 +831,7 @@ def _lightning_rows(work: Workload, cfg: Config, sample_every: int | str) -> lis
             callbacks=[*monitors, clock], enable_progress_bar=False, enable_checkpointing=False,
             enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         )
-        loader = DataLoader(data, batch_size=None, shuffle=False)
+        loader = DataLoader(cast("Dataset[Batch]", data), batch_size=None, shuffle=False)  # a list works as a Dataset
         trainer.fit(Module(reference), loader)
         return Timing(clock.wall, clock.cpu, sum(m.spent for m in monitors) / cfg.steps)
 
@@ -884,7 +892,7 @@ def _depth_rows(cfg: Config, depths: Sequence[int], width: int) -> list[DepthRow
     rows = []
     for d in depths:
         # a small learning rate keeps the 128-layer net finite (a diverging run would time NaN paths)
-        work = Workload(f"mlp{d}", f"BN MLP {width} wide x {d}", lambda d=d: wide_mlp(width, d, width),
+        work = Workload(f"mlp{d}", f"BN MLP {width} wide x {d}", partial(wide_mlp, width, d, width),
                         _batches((16, width), 2, 10, cfg.device), lr=0.002)
         report = _report_of(work)
         r = _interleaved(work, [_Tracker(50), _Floor()], report, cfg, memory=False)
@@ -934,7 +942,7 @@ def _find(rows: Sequence[Row], model: str, label: str, every: str) -> Row | None
     return next((r for r in rows if r.model == model and r.label == label and r.every == every), None)
 
 
-def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: int | str) -> list[str]:
+def _verdicts(rows: Sequence[Row], depth: Sequence[DepthRow], sample_every: SampleEvery) -> list[str]:
     """Each target of the overhead budget, met or missed.
 
     Two verdicts per line: on the interleaved A/B wall-clock median (first) and on the
@@ -1052,7 +1060,8 @@ def detect(argv: Sequence[str]) -> int:
 
     fwd_bwd()
     det()  # warm-up
-    tf, td = [], []
+    tf: list[float] = []
+    td: list[float] = []
     for _ in range(ns.repeats):
         for fn, acc in ((fwd_bwd, tf), (det, td)):
             t0 = time.perf_counter()

@@ -132,7 +132,7 @@ class NoetherMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self._every(trainer)
         self._detect_attempts = 0
         self._dashboards = None
         self.trackers = [
@@ -192,6 +192,10 @@ class NoetherMonitor(Callback):
             rank_zero_warn(f"NoetherMonitor: no symmetry found for the parameters of {', '.join(missing)} in "
                            f"{type(pl_module).__name__}; nothing to track there, training goes on.")
 
+    def _every(self, trainer: pl.Trainer) -> int:
+        """The logging interval: this callback's, else the trainer's."""
+        return self.log_every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
+
     def _start_dashboards(self, trainer: pl.Trainer, report: SymmetryReport) -> None:
         """Start the dashboards on rank 0.
 
@@ -202,10 +206,11 @@ class NoetherMonitor(Callback):
         if not trainer.is_global_zero:
             return
         if self._dashboards is None:
-            self._dashboards = [Dashboard(lg.experiment) for lg in trainer.loggers if Dashboard.supports(lg.experiment)]
+            experiments = [lg.experiment for lg in trainer.loggers]  # type: ignore[attr-defined]
+            self._dashboards = [Dashboard(e) for e in experiments if Dashboard.supports(e)]
             for d in self._dashboards:
                 d.write_symmetries(report, trainer.global_step)
-            hparams = {"log_every_n_steps": self.log_every_n_steps or trainer.log_every_n_steps,
+            hparams = {"log_every_n_steps": self._every(trainer),
                        "groups": len(report.groups), "coverage": round(report.coverage, 6),
                        "optimizers": ", ".join(type(t.optimizer).__name__ for t in self.trackers),
                        "include": ", ".join(self.include or []), "exclude": ", ".join(self.exclude or [])}

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -99,7 +99,7 @@ class SGDW(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "maximize": maximize})
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One decoupled step for every parameter that has a gradient."""
         loss = None
         if closure is not None:
@@ -284,6 +284,8 @@ def adaptive_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, Tens
     metric: dict[str, Tensor | None] = dict.fromkeys(params)
     drive: dict[str, Tensor | None] = dict.fromkeys(params)
     any_metric = False
+    u: list[Tensor] | tuple[Tensor, ...]  # the torch._foreach_* ops take lists and return tuples
+    d: list[Tensor] | tuple[Tensor, ...]
     for h, names in stepped_batches(optimizer, params, hyper, grads).items():
         states = [optimizer.state[params[n]] for n in names]
         if h.rule == "adam":
@@ -302,7 +304,7 @@ def adaptive_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, Tens
                 torch._foreach_mul_(G, m)
                 u, d = G, G
         else:  # rmsprop
-            sq = [st["square_avg"] for st in states]
+            sq: list[Tensor] | tuple[Tensor, ...] = [st["square_avg"] for st in states]
             if h.centered:
                 ga = [st["grad_avg"] for st in states]
                 sq = torch._foreach_addcmul(sq, ga, ga, value=-1.0)
@@ -311,7 +313,7 @@ def adaptive_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, Tens
             if h.momentum > 0.0:
                 u, d, keep = [st["momentum_buffer"] for st in states], G, False
             else:
-                g = [grads[n] for n in names]
+                g = cast("list[Tensor]", [grads[n] for n in names])  # stepped_batches: no None gradient
                 d = torch._foreach_neg(g) if h.maximize else list(g)
                 if h.wd:
                     # u (G − ηλ) = s·g + λθ_{t+1}; then d := G u = s·g + λθ_t

@@ -135,14 +135,15 @@ def plot_layer(ls: LayerSeries, path: str | os.PathLike[str], *, dpi: int = 90) 
             ax.set_ylabel("charge Q")
             ax.legend(loc="best", fontsize=8, frameon=False)
         elif panel == "band":
-            s, q = ls.get("charge")
+            s, charge = ls.get("charge")
             sp, pred = ls.get("predicted")
             sh, hi = ls.get("band_upper")
             if s == sp == sh:
                 half = [h - p for h, p in zip(hi, pred)]
                 ax.fill_between(s, [-x for x in half], half, color="tab:orange", alpha=0.3, lw=0,
                                 label="tolerance band ± D")
-                ax.plot(s, [a - p for a, p in zip(q, pred)], color="black", lw=1.0, label="measured − predicted")
+                ax.plot(s, [a - p for a, p in zip(charge, pred)], color="black", lw=1.0,
+                        label="measured − predicted")
                 ax.axhline(0.0, color="tab:orange", lw=0.8, ls="--")
             ax.set_ylabel("Q − prediction")
             ax.legend(loc="best", fontsize=8, frameon=False)

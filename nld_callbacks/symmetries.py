@@ -57,6 +57,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -199,7 +200,7 @@ class SymmetryReport(Sequence[SymmetryGroup]):
     covered: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         return self.groups[i]
 
     def __len__(self) -> int:
@@ -492,6 +493,12 @@ class _Node:
     def out(self, i: int = 0) -> tuple[int, ...] | None:
         return self.outs[i] if i < len(self.outs) else None
 
+    def out_shape(self) -> tuple[int, ...]:
+        """The first output's shape, which every node a rule reads records."""
+        out = self.out()
+        assert out is not None, self.op
+        return out
+
     def attr(self, name: str, default: Any = None) -> Any:
         return _attr(self.fn, name, default)
 
@@ -515,6 +522,7 @@ class _IR:
         self.notes: list[str] = []
         self.frozen = False  # some parameter is frozen: a missing norm bias may be a frozen one
         fn0 = root.grad_fn
+        assert fn0 is not None  # _propose checks it
         stack = [fn0]
         self._node(fn0, names)
         while stack:
@@ -542,10 +550,10 @@ class _IR:
             n, i = stack2.pop()
             if i < len(n.inputs):
                 stack2.append((n, i + 1))
-                src = n.inputs[i][0]
-                if src is not None and src not in seen:
-                    seen.add(src)
-                    stack2.append((src, 0))
+                inp = n.inputs[i][0]
+                if inp is not None and inp not in seen:
+                    seen.add(inp)
+                    stack2.append((inp, 0))
             else:
                 self.order[n] = len(self.order)
 
@@ -587,7 +595,7 @@ class _IR:
         macro = _Node(None, f"Module[{type(h.rule).__name__}]")
         macro.rule, macro.label = h.rule, h.name
         macro.outs = [tuple(h.out.shape)]
-        inp_edge = (stop, h.inp.output_nr) if stop is not None else (None, 0)
+        inp_edge: tuple[_Node | None, int] = (stop, h.inp.output_nr) if stop is not None else (None, 0)
         ext: list[tuple[_Node, int]] = []
         for n in inner:
             for src, nr in n.inputs:
@@ -684,8 +692,10 @@ def _lead_p(p: Any, nd: int) -> Any:
     extra = nd - (p.ids.dim() if p.ids is not None else len(p.prov))
     if extra <= 0:
         return p
+    if isinstance(p, _Scale):
+        return _Scale(p.k, _lead(p.ids, nd))
     ids = None if p.ids is None else _lead(p.ids, nd)
-    return _Scale(p.k, ids) if isinstance(p, _Scale) else _Shift(p.tok, ids, (None,) * extra + p.prov, p.mix)
+    return _Shift(p.tok, ids, (None,) * extra + p.prov, p.mix)
 
 
 def _compress(ids: Tensor) -> Tensor:
@@ -716,9 +726,9 @@ def _varies(ids: Tensor | None, dims: Iterable[int]) -> bool:
 def _with(p: Any, f_ids: Callable[[Tensor], Tensor], f_prov: Callable[[tuple], tuple]) -> Any:
     if p is None:
         return None
-    ids = None if p.ids is None else f_ids(p.ids)
     if isinstance(p, _Scale):
-        return _Scale(p.k, ids)
+        return _Scale(p.k, f_ids(p.ids))
+    ids = None if p.ids is None else f_ids(p.ids)
     return _Shift(p.tok, ids, tuple(f_prov(p.prov)), p.mix)
 
 
@@ -1039,7 +1049,7 @@ def _solve_producer(run: _Run, edge: tuple[_Node | None, int], target: Tensor, k
     if found is None:
         return None
     slot, axis = found
-    out = node.out()
+    out = node.out_shape()
     n = out[axis]
     lab = torch.arange(n).reshape([n if d == axis else 1 for d in range(len(out))])
     probe = _Run(run.ir, {}, 1, "scale")
@@ -1146,7 +1156,7 @@ def _r_squeeze(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
 
 @_op("ExpandBackward0")
 def _r_expand(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
-    a, b = node.in_shape(0) or node.attr("self_sym_sizes"), node.out()
+    a, b = node.in_shape(0) or node.attr("self_sym_sizes"), node.out_shape()
     p = _lead_p(ins[0], len(b))
     if isinstance(p, _Shift):
         a = (1,) * (len(b) - len(a)) + tuple(a)
@@ -1171,8 +1181,11 @@ def _r_select(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     d = _norm_dim(node.attr("dim"), len(a))
     i = node.attr("index")
     i = i + a[d] if i < 0 else i
-    return [_nonempty(_with(ins[0], lambda t: t.select(d, i if t.shape[d] > 1 else 0),
-                            lambda pr: pr[:d] + pr[d + 1:]))]
+    return [_nonempty(_with(ins[0], lambda t: _select_ids(t, d, i), lambda pr: pr[:d] + pr[d + 1:]))]
+
+
+def _select_ids(t: Tensor, d: int, i: int) -> Tensor:
+    return t.select(d, i if t.shape[d] > 1 else 0)
 
 
 def _slice_ids(t: Tensor, d: int, start: int, end: int, step: int = 1) -> Tensor:
@@ -1196,8 +1209,8 @@ def _r_split(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     a = node.in_shape(0) or node.attr("self_sym_sizes")
     d = _norm_dim(node.attr("dim"), len(a))
     if node.op == "UnbindBackward0":
-        return [_nonempty(_with(ins[0], lambda t, i=i: t.select(d, i if t.shape[d] > 1 else 0),
-                                lambda pr: pr[:d] + pr[d + 1:])) for i in range(a[d])]
+        return [_nonempty(_with(ins[0], partial(_select_ids, d=d, i=i), lambda pr: pr[:d] + pr[d + 1:]))
+                for i in range(a[d])]
     if node.op == "SplitWithSizesBackward0":
         sizes = list(node.attr("split_sizes"))
     else:
@@ -1205,7 +1218,7 @@ def _r_split(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
         sizes = [s] * (a[d] // s) + ([a[d] % s] if a[d] % s else [])
     outs, start = [], 0
     for s in sizes:
-        outs.append(_nonempty(_with(ins[0], lambda t, b=start, e=start + s: _slice_ids(t, d, b, e),
+        outs.append(_nonempty(_with(ins[0], partial(_slice_ids, d=d, start=start, end=start + s),
                                     lambda pr: tuple(_fresh() if (j == d and x is not None) else x
                                                      for j, x in enumerate(pr)))))
         start += s
@@ -1230,6 +1243,7 @@ def _cat(run: _Run, ps: list[Any], shapes: list[tuple[int, ...] | None], d: int,
                     common[dd] = out[dd]
     pieces = []
     for p, s in zip(ps, shapes):
+        assert s is not None  # checked above
         shp = list(common)
         shp[d] = s[d]
         pieces.append(torch.full(shp, -1, dtype=torch.long) if p is None else p.ids.expand(shp))
@@ -1244,14 +1258,14 @@ def _cat(run: _Run, ps: list[Any], shapes: list[tuple[int, ...] | None], d: int,
 
 @_op("CatBackward0")
 def _r_cat(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
-    out = node.out()
+    out = node.out_shape()
     d = _norm_dim(node.attr("dim"), len(out))
     return [_cat(run, ins, [node.in_shape(i) for i in range(len(ins))], d, out)]
 
 
 @_op("StackBackward0")
 def _r_stack(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
-    out = node.out()
+    out = node.out_shape()
     d = _norm_dim(node.attr("dim"), len(out))
     shapes = [node.in_shape(i) for i in range(len(ins))]
     shapes = [None if s is None else tuple(s[:d]) + (1,) + tuple(s[d:]) for s in shapes]
@@ -1391,7 +1405,8 @@ def _r_add(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     alpha = 1 if not isinstance(alpha, (int, float)) else alpha
     ca, cb = {"AddBackward0": (1, alpha), "SubBackward0": (1, -alpha), "RsubBackward0": (-alpha, 1)}[node.op]
     ins = ins + [None] * (2 - len(ins))
-    return [_sum(run, node, ins[0], ins[1], ca, cb, node.out())]
+    out = node.out_shape()
+    return [_sum(run, node, ins[0], ins[1], ca, cb, out)]
 
 
 def _operand_shape(node: _Node, slot: int) -> tuple[int, ...] | None:
@@ -1413,7 +1428,7 @@ def _shift_times(p: _Shift, other: Sequence[int] | None, out: Sequence[int]) -> 
 
 @_op("MulBackward0", "DivBackward0")
 def _r_mul(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
-    out = node.out()
+    out = node.out_shape()
     nd = len(out)
     ins = ins + [None] * (2 - len(ins))
     pa, pb = _lead_p(ins[0], nd), _lead_p(ins[1], nd)
@@ -1443,9 +1458,10 @@ def _r_mul(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     edge = node.inputs[slot] if slot < len(node.inputs) else (None, 0)
     if not div and edge[0] is not None and _chain_to_param(edge) is not None:
         # a gain parameter per neuron (layer scale): the other side of a rescale
-        target = _target(p.ids, out, node.in_shape(slot))
-        if target is not None and bool((target >= 0).all()) and all(
-                s == 1 or t > 1 for s, t in zip(node.in_shape(slot), target.shape)):
+        in_shape = node.in_shape(slot)
+        target = _target(p.ids, out, in_shape)
+        if target is not None and in_shape is not None and bool((target >= 0).all()) and all(
+                s == 1 or t > 1 for s, t in zip(in_shape, target.shape)):
             run.recruit(edge, target, -k, behind=False, or_break=False)
     return [_Scale(k, p.ids)]
 
@@ -1618,7 +1634,7 @@ def _rest(node: _Node) -> list[Any]:
 @_op("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0")
 def _r_batchnorm(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     x, w, b = (list(ins) + [None] * 3)[:3]
-    out = node.out()
+    out = node.out_shape()
     nd = len(out)
     training = node.attr("training")
     if training is None:  # cuDNN/MIOpen do not save the flag: batch statistics are saved only in training
@@ -1636,7 +1652,7 @@ def _r_batchnorm(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
 @_op("NativeLayerNormBackward0")
 def _r_layernorm(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     x, w, b = (list(ins) + [None] * 3)[:3]
-    out = node.out()
+    out = node.out_shape()
     nd = len(out)
     m = len(node.attr("normalized_shape"))
     if x is not None and any(node.consumers.get(i) for i in (1, 2)):
@@ -1648,13 +1664,15 @@ def _r_layernorm(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
 @_op("NativeGroupNormBackward0")
 def _r_groupnorm(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     x, w, b = (list(ins) + [None] * 3)[:3]
-    out = node.out()
+    out = node.out_shape()
     nd = len(out)
     n, c, hw, g = (node.attr(k) for k in ("N", "C", "HxW", "group"))
     if x is not None:
         if any(node.consumers.get(i) for i in (1, 2)):
             run.breaks_p(x)
-        xv = _reshape(run, x, node.in_shape(0), (n, g, c // g, hw))
+        x_shape = node.in_shape(0)
+        assert x_shape is not None  # x is perturbed: its input edge is in the graph
+        xv = _reshape(run, x, x_shape, (n, g, c // g, hw))
         _normalize(run, xv, [2, 3], f"GroupNorm({g})")
     return [_affine(run, node, w, b, lambda t: t.reshape([1, -1] + [1] * (nd - 2)), nd, out)] + _rest(node)
 
@@ -1662,7 +1680,7 @@ def _r_groupnorm(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
 @_op("WeightNormInterfaceBackward0")
 def _r_weight_norm(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     v, g = (list(ins) + [None] * 2)[:2]
-    out = node.out()
+    out = node.out_shape()
     dim = _norm_dim(node.attr("dim", 0), len(out))
     if isinstance(v, _Scale):
         run.norm_sets(v.ids, [d for d in range(len(out)) if d != dim])
@@ -1809,7 +1827,7 @@ def _r_conv(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     def w_as_out(ids: Tensor) -> Tensor:  # weight ids (out-channel axis) in the output's layout
         return ids.transpose(0, 1) if not tr else ids
 
-    prod = None
+    prod: _Scale | _Shift | None = None
     if px is not None and pw is not None:
         if (isinstance(px, _Scale) and isinstance(pw, _Scale) and groups == 1 and px.k + pw.k == 0
                 and not _varies(px.ids, [0] + sp) and not _varies(pw.ids, [wo] + kd)
@@ -1868,7 +1886,7 @@ def _r_conv(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
 @_op("EmbeddingBackward0")
 def _r_embedding(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     p = ins[0]
-    out = node.out()
+    out = node.out_shape()
     nd = len(out)
     if p is None:
         return [None]
@@ -1899,7 +1917,7 @@ _SDPA = ("ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductFlash
 def _r_sdpa(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
     q, k, v = (list(ins) + [None] * 3)[:3]
     _break_all(run, *ins[3:])
-    out = node.out()
+    out = node.out_shape()
     nd = len(out)
     t = nd - 2
     if isinstance(q, _Scale) and isinstance(k, _Scale):
@@ -1919,7 +1937,7 @@ def _r_sdpa(run: _Run, node: _Node, ins: list[Any]) -> list[Any]:
             run.recruit(node.inputs[0], k.ids, -k.k)
         else:
             run.breaks_p(k)
-    res = None
+    res: _Scale | _Shift | None = None
     if isinstance(v, _Scale):
         if _varies(v.ids, [t]):
             run.breaks_p(v)
@@ -2113,7 +2131,7 @@ def _granularity(kind: str, n: int, block: int, seed: Member, shape: Sequence[in
     return "output channel" if a == 0 else f"slice on axis {a}"
 
 
-def _build(run: _Run, seed: str, kind: str, shapes: Mapping[str, Sequence[int]]) -> tuple[_Found | None, str | None]:
+def _build(run: _Run, seed: str, kind: Kind, shapes: Mapping[str, Sequence[int]]) -> tuple[_Found | None, str | None]:
     """The group a finished candidate proves, or a note when only part of it holds."""
     n = run.n
     if kind == "scale" and any(isinstance(p, _Scale) and p.k < 0 for p in run.seeds.values()):
@@ -2429,7 +2447,8 @@ def _confirm(report: SymmetryReport, params: Mapping[str, Tensor], probes: Seque
         return float(sum(g.double().sum() for g in gs)) / total if total else 0.0
 
     overall = [typical(grads, "") for grads in probes]
-    kept, refuted = [], []
+    kept: list[SymmetryGroup] = []
+    refuted: list[SymmetryGroup] = []
     for g in report.groups:
         # rounding noise of an exactly-zero gradient sum scales with the layer's own gradients
         owner = _owner(g.members[0].param) + "."

@@ -209,6 +209,11 @@ def _sgd(lr: float, momentum: float, weight_decay: float, nesterov: bool) -> Opt
                                           nesterov=nesterov)
 
 
+def _digits_512(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = digits(dtype)
+    return x[:512], y[:512]
+
+
 #: name → (model factory, data factory, default dtype, default batch size)
 PROBLEMS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.dtype], tuple[torch.Tensor, torch.Tensor]],
                           torch.dtype, int | None]] = {
@@ -218,8 +223,7 @@ PROBLEMS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.dtype], tuple
                torch.float64, None),
     "relu_mlp": (lambda: ReLUMLP(20, (32, 16), 5), lambda dt: synthetic_classification(128, 20, 5, dtype=dt),
                  torch.float64, None),
-    "bn_cnn": (BNCNN, lambda dt: tuple(t[:512] for t in digits(dt)),
-               torch.float32, 64),
+    "bn_cnn": (BNCNN, _digits_512, torch.float32, 64),
 }
 
 
@@ -595,7 +599,7 @@ class _NoHostSync(torch.overrides.TorchFunctionMode):
         self.cuda = cuda
         self._cuda: Any = None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in self.FORBIDDEN:
             raise _sync_error(func.__name__)
         if func in self.SIZED_BY_VALUES or (func is torch.where and len(args) + len(kwargs or {}) == 1):
