@@ -33,8 +33,9 @@ the number of sums. The float64 arithmetic is the costly part: the linear sums, 
 reduction and the last tensor's square are skipped where no output wants them (the layout puts a
 tensor whose square is not asked for last). Each product is added with one fused multiply-add (the
 product exact, one rounding per addition), and each sum runs in a fixed order (8 lanes along ``c``
-for rows of 8 or more entries, 4 on CPUs without AVX-512, then ``i`` in order): the same inputs
-give the same bits, in every job that asks for the sum.
+for rows of 8 or more entries, 4 on CPUs without AVX-512, then ``i`` in order; a column sum takes
+the rows in groups of four a quarter of the tensor apart, which read faster than neighbouring
+rows): the same inputs give the same bits, in every job that asks for the sum.
 
 Two more calls map float64 rows for the layout (each row read where it is, nothing stacked):
 ``nld_map`` adds each member's run of per-reduction values, times its sign, onto its run of group
@@ -89,9 +90,11 @@ typedef double vd __attribute__((vector_size(8 * W)));
 #define INLINE static inline __attribute__((always_inline))
 #define QMAX 14 /* sums of one job at most: 10 products and 4 linear sums of 4 tensors */
 #define JB 1024 /* outputs of a column reduction accumulated per sweep */
-/* rows of the tensor added to them per visit: two, or one where two rows' sums would not fit the
-   vector registers */
-#define NBROWS(K, L, R) ((R) && 3 * ((K) * ((K) + 1) / 2 + (L) * (K)) + (K) > VREGS ? 1 : 2)
+/* rows of the tensor added to them per visit: four, two or one, as many as keep the visit's sums
+   (QU of them per row and the columns', QU = the job's products and linear sums) and the K entries
+   in the vector registers */
+#define QU(K, L, S) ((K) * ((K) + 1) / 2 - (S) + (L) * (K))
+#define NBROWS(K, L, R, S) (!(R) || 5 * QU(K, L, S) + (K) <= VREGS ? 4 : 3 * QU(K, L, S) + (K) <= VREGS ? 2 : 1)
 
 INLINE vd ldv(const void *t, int64_t e, int dbl) {
     if (dbl) { vd d; memcpy(&d, (const double *)t + e, sizeof d); return d; }
@@ -196,9 +199,9 @@ INLINE double hsum(vd a) { double s = 0; for (int l = 0; l < W; l++) s += a[l]; 
         for (int a = 0; a < L * K; a++) ACC[q_++] += F[a];                                  \
     } while (0)
 
-/* NB rows i0 … i0 + NB − 1 of a column job, columns j0 … j0 + n − 1: their sums onto tmp[q][j − j0]
-   (W lanes along j where C == 1, nw of them) and, if R, onto out0[q] + i / per0 */
-INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int64_t *out0, const int64_t i0,
+/* NB rows ri[0], …, ri[NB − 1] of a column job, columns j0 … j0 + n − 1: their sums onto tmp[q][j − j0]
+   (W lanes along j where C == 1, nw of them; the rows in turn) and, if R, onto out0[q] + i / per0 */
+INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int64_t *out0, const int64_t *ri,
                  const int64_t J, const int64_t j0, const int64_t n, const int64_t nw, const int64_t C,
                  const int64_t per0, const int NB, const int K, const int L, const int R, const int S,
                  const int dbl) {
@@ -211,7 +214,7 @@ INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int
         for (int q = 0; q < Q; q++) acc[q] = ldd(tmp[q] + jj);
         for (int r = 0; r < NB; r++) {
             vd f[4];
-            for (int k = 0; k < K; k++) f[k] = ldk(t, k, K, (i0 + r) * J + j0 + jj, dbl);
+            for (int k = 0; k < K; k++) f[k] = ldk(t, k, K, ri[r] * J + j0 + jj, dbl);
             SUMS(acc, f);
             if (R) SUMS(racc[r], f);
         }
@@ -221,7 +224,7 @@ INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int
         for (int r = 0; r < NB; r++)
             for (int64_t c = 0; c < C; c++) {
                 double f[4], p[QMAX];
-                for (int k = 0; k < K; k++) f[k] = ld1k(t, k, K, ((i0 + r) * J + j0 + jj) * C + c, dbl);
+                for (int k = 0; k < K; k++) f[k] = ld1k(t, k, K, (ri[r] * J + j0 + jj) * C + c, dbl);
                 for (int q = 0; q < Q; q++) p[q] = 0;
                 SUMS(p, f);
                 for (int q = 0; q < Q; q++) { tmp[q][jj] += p[q]; rtail[r][q] += p[q]; }
@@ -229,17 +232,17 @@ INLINE void cols(const void *const *t, double (*tmp)[JB], double *res, const int
     if (R)
         for (int r = 0; r < NB; r++)
             for (int q = 0; q < Q; q++)
-                if (out0[q] >= 0) res[out0[q] + (i0 + r) / per0] += hsum(racc[r][q]) + rtail[r][q];
+                if (out0[q] >= 0) res[out0[q] + ri[r] / per0] += hsum(racc[r][q]) + rtail[r][q];
 }
 
-/* a last, single row of a column job: one copy for every kind of job (it is a small part of the
-   work, and a specialised copy per kind would double the build time) */
+/* a single row of a column job left over by its visits: one copy for every kind of job (it is a
+   small part of the work, and a specialised copy per kind would double the build time) */
 static __attribute__((noinline)) void col1(const void *const *t, double (*tmp)[JB], double *res,
-                                           const int64_t *out0, const int64_t i0, const int64_t J,
+                                           const int64_t *out0, const int64_t i, const int64_t J,
                                            const int64_t j0, const int64_t n, const int64_t nw, const int64_t C,
                                            const int64_t per0, const int K, const int L, const int R, const int S,
                                            const int dbl) {
-    cols(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, 1, K, L, R, S, dbl);
+    cols(t, tmp, res, out0, &i, J, j0, n, nw, C, per0, 1, K, L, R, S, dbl);
 }
 
 /* One job: K tensors (float32, or float64 if dbl) viewed as (A, J, C); their products t_a t_b
@@ -250,7 +253,7 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
     const int Q = K * (K + 1) / 2 + L * K, QT = K * (K + 1) / 2 + K;
     const int64_t A = jb[0], J = jb[1], C = jb[2], per = jb[5], per0 = jb[6];
     const int64_t *out = jb + 7 + K, *out0 = out + QT;
-    const int NB = NBROWS(K, L, R);
+    const int NB = NBROWS(K, L, R, S);
     const void *t[4];
     for (int k = 0; k < K; k++) t[k] = (const void *)ptrs[jb[7 + k]];
     adam_job derived;
@@ -289,17 +292,31 @@ INLINE void job(const int64_t *ptrs, const int64_t *jb, double *res, const int K
             }
         return;
     }
-    /* columns (C < 8): JB outputs j at a time, NB rows i per visit, i in order; with R the rows'
-       sums on the way (W lanes along j, then the JB-blocks in order). A whole visit of NB rows is
-       one call with NB constant: the sums stay in registers (a partial visit would spill them) */
+    /* columns (C < 8): JB outputs j at a time, NB rows i per visit; with R the rows' sums on the way
+       (W lanes along j, then the JB-blocks in order). A whole visit of NB rows is one call with NB
+       constant: the sums stay in registers (a partial visit would spill them). The rows go in one
+       order, whatever NB: groups of four rows a quarter of the tensor apart, k, k + h, k + 2h,
+       k + 3h (h = ⌈A/4⌉, rows past A left out) for k = 0 … h − 1. Rows that far apart are read
+       faster than neighbouring ones: measured on 1024 × 1024 float32 matrices (θ, v, g; rows and
+       columns), 0.68 ns an entry against 1.05 for two neighbouring rows a visit. Where rows share
+       an output (per0 > 1) they go in order, so that output's sum has one order too. */
     double tmp[QMAX][JB]; /* 112 KiB of stack (a failed malloc here would have left the sums 0) */
     for (int64_t j0 = 0; j0 < J; j0 += JB) {
         const int64_t n = j0 + JB < J ? JB : J - j0;
         const int64_t nw = C == 1 ? n & ~(int64_t)(W - 1) : 0;
         for (int q = 0; q < Q; q++) memset(tmp[q], 0, sizeof(double) * n);
-        int64_t i0 = 0;
-        for (; i0 + NB <= A; i0 += NB) cols(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, NB, K, L, R, S, dbl);
-        for (; i0 < A; i0++) col1(t, tmp, res, out0, i0, J, j0, n, nw, C, per0, K, L, R, S, dbl);
+        const int apart = per0 == 1; /* else the rows in order, four a group */
+        const int64_t h = (A + 3) / 4, step = apart ? h : 1;
+        for (int64_t grp = 0; grp < h; grp++) {
+            const int64_t k = apart ? grp : 4 * grp;
+            int64_t ri[4];
+            int m = 0;
+            for (int g = 0; g < 4; g++)
+                if (k + g * step < A) ri[m++] = k + g * step;
+            int v = 0;
+            for (; v + NB <= m; v += NB) cols(t, tmp, res, out0, ri + v, J, j0, n, nw, C, per0, NB, K, L, R, S, dbl);
+            for (; v < m; v++) col1(t, tmp, res, out0, ri[v], J, j0, n, nw, C, per0, K, L, R, S, dbl);
+        }
         /* each column onto its output, in order (the output's place counted, not divided out: a
            division per column cost more than the block's sums on a short job) */
         for (int q = 0; q < Q; q++) {

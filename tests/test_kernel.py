@@ -317,7 +317,7 @@ def test_a_kernel_built_for_avx2_has_the_same_sums(fresh_kernel, monkeypatch, tm
     for dtype in (torch.float32, torch.float64):
         test_kernel_matches_the_reference_loop(dtype)
         test_adam_direction_is_formed_inside_the_read(dtype)
-    for shape in ((1, 37, 100), (9, 1030, 1), (5, 7, 3)):
+    for shape in ((1, 37, 100), (9, 1030, 1), (13, 1030, 1), (5, 7, 3)):
         test_a_sum_has_the_same_bits_in_every_specialised_job(shape)
 
 
@@ -344,7 +344,8 @@ def test_kernel_job_table_by_hand():
 
 
 @needs_kernel
-@pytest.mark.parametrize("shape", [(1, 37, 100), (9, 1030, 1), (5, 7, 3)], ids=["rows", "rows+columns", "columns"])
+@pytest.mark.parametrize("shape", [(1, 37, 100), (9, 1030, 1), (13, 1030, 1), (5, 7, 3)],
+                         ids=["rows", "rows+columns", "rows+columns, a full group of four", "columns"])
 def test_a_sum_has_the_same_bits_in_every_specialised_job(shape):
     """float64 products are rounded: each is added with one fused multiply-add, whatever else the job sums.
 
