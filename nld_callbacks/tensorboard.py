@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -97,6 +98,7 @@ _CHARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 _BAND = ("predicted", "band_lower", "band_upper")
 
 
+@functools.lru_cache(maxsize=8192)  # a logging step asks for the same few hundred tags every time
 def tag(kind: str, layer: str, quantity: str) -> str:
     """The TensorBoard tag of one per-layer quantity.
 
