@@ -533,6 +533,11 @@ class ChargeLayout:
         self._kplans: dict[Any, _KernelPlan | None] = {}
 
     @property
+    def compiled(self) -> bool:
+        """Whether the compiled kernel is loaded: the sums and maps of suitable calls run in it."""
+        return self._lib is not None
+
+    @property
     def n_plans(self) -> int:
         """How many evaluation plans (one per distinct set of products asked for) are built."""
         return len(self._plans) + len(self._kplans)

@@ -1261,7 +1261,7 @@ class NoetherTracker:
         the step counts, per param group, nothing read on the host.
         """
         lay = self.layout
-        if lay is None or lay._lib is None or self._sharded or any(
+        if lay is None or not lay.compiled or self._sharded or any(
                 h.rule != "adam" or h.metric for h in hyp.values()):
             return None
         m: dict[str, Tensor] = {}

@@ -271,9 +271,9 @@ def test_torch_ops_arms_run_the_tracker_without_the_kernel(monkeypatch):
                                                                                 ("nld, torch ops", "50")}
     targets = out[out.index("[targets]"):]
     assert "torch ops" not in targets
-    assert any(not compiled for compiled, _ in layouts) and all(lay._lib is None for c, lay in layouts if not c)
+    assert any(not compiled for compiled, _ in layouts) and all(not lay.compiled for c, lay in layouts if not c)
     if kernel.load() is not None:
-        assert all(lay._lib is not None for c, lay in layouts if c)
+        assert all(lay.compiled for c, lay in layouts if c)
     assert os.environ["NLD_CALLBACKS_KERNEL"] == "1"  # given back as it was
 
 

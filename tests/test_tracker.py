@@ -109,7 +109,7 @@ def _reference_step(groups, named, opt, theta0, buf0, grads, theta1, buf1, first
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_predictions_match_float64_simulation(case, device):
     tracker = _check_against_simulation(case, device)
-    if tracker.layout._lib is not None:  # every map of the step in the compiled kernel
+    if tracker.layout.compiled:  # every map of the step in the compiled kernel
         assert not tracker.layout._matrices
 
 
@@ -118,7 +118,7 @@ def test_predictions_match_float64_simulation_with_torch_ops_only(case, monkeypa
     # the CPU path where no compiler is found: torch ops for the sums and torch's sparse maps
     monkeypatch.setenv("NLD_CALLBACKS_KERNEL", "0")
     tracker = _check_against_simulation(case, torch.device("cpu"))
-    assert tracker.layout._lib is None and tracker.layout._matrices
+    assert not tracker.layout.compiled and tracker.layout._matrices
 
 
 def _check_against_simulation(case, device):
@@ -615,7 +615,7 @@ def test_adaptive_optimizers_against_the_real_step(case, device):
     """
     tracker = _adaptive_against_the_real_step(case, device)
     formed = any((c or 0) >= 2 for key in tracker.layout._kplans for c in key[1])
-    assert formed == (tracker.layout._lib is not None and "adamw" in case["id"])
+    assert formed == (tracker.layout.compiled and "adamw" in case["id"])
 
 
 @pytest.mark.parametrize("case", ADAPTIVE[2:4], ids=[c["id"] for c in ADAPTIVE[2:4]])
@@ -623,7 +623,7 @@ def test_adaptive_optimizers_against_the_real_step_with_torch_ops_only(case, mon
     # where no compiler is found: u made by torch ops (as on a GPU), in place
     monkeypatch.setenv("NLD_CALLBACKS_KERNEL", "0")
     tracker = _adaptive_against_the_real_step(case, torch.device("cpu"))
-    assert tracker.layout._lib is None
+    assert not tracker.layout.compiled
 
 
 def _adaptive_against_the_real_step(case, device):
