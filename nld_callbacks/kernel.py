@@ -1,4 +1,5 @@
-"""A compiled CPU kernel for the per-neuron sums and maps of :class:`~nld_callbacks.charges.ChargeLayout`.
+"""A compiled CPU kernel for the per-neuron sums and maps of :class:`~nld_callbacks.charges.ChargeLayout`,
+and for the tracker's per-neuron step.
 
 Torch's CPU ops evaluate one product ``X ⊙ Y`` per op: each product reads both factors and
 writes and reads back a temporary, so the five products of a tracked step read every parameter,
@@ -41,6 +42,13 @@ Two more calls map float64 rows for the layout (each row read where it is, nothi
 ``nld_map`` adds each member's run of per-reduction values, times its sign, onto its run of group
 neurons (members in order, onto zeros), and ``nld_runs`` sums, or takes the maximum or minimum of,
 each group's run of neurons (the sum with four running sums, added pairwise; a NaN gives NaN).
+
+``nld_step`` takes one tracked step's per-neuron work off :class:`~nld_callbacks.tracker.NoetherTracker`
+(its ``_accumulate``): the residuals, the continuous law's step and the equilibrium averages of every
+group neuron, the step's validity, and on a valid step the held rows and the accumulators. It runs the
+torch ops' operations in their order (no contraction, IEEE divisions and square roots), so it gives their
+bits, in blocks of neurons copied to the stack first: read in place, its 60-odd rows would evict each
+other's cache lines.
 
 ``nld_run_parts(n_parts, n_jobs, tables, ptrs, res)`` runs ``n_parts`` such tables at once, one per
 OpenMP thread. The kernel is built with OpenMP where torch itself runs on GNU ``libgomp`` (its
@@ -392,35 +400,162 @@ void nld_map(int64_t n_rows, const int64_t *rows, int64_t n_out, int64_t n_runs,
     }
 }
 
-/* per run [bounds[g], bounds[g + 1]) of each float64 row: its sum (op 0: four running sums over
-   i mod 4, added pairwise, then the rest in order), maximum (1) or minimum (2); a NaN gives NaN, an
-   empty run 0, −inf or +inf */
+/* the sum of x[i] for i in [i, e): four running sums over i mod 4, added pairwise, then the rest in
+   order */
+INLINE double run_sum(const double *x, int64_t i, int64_t e) {
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    for (; i + 4 <= e; i += 4) {
+        s0 += x[i];
+        s1 += x[i + 1];
+        s2 += x[i + 2];
+        s3 += x[i + 3];
+    }
+    double v = (s0 + s1) + (s2 + s3);
+    for (; i < e; i++) v += x[i];
+    return v;
+}
+/* the maximum (op 1) or minimum (op 2) of x[i] for i in [i, e): a larger (smaller) entry or a NaN
+   replaces the running value, nothing replaces a NaN; −inf (+inf) where the run is empty */
+INLINE double run_extreme(int64_t op, const double *x, int64_t i, int64_t e) {
+    double v = op == 1 ? -__builtin_inf() : __builtin_inf();
+    for (; i < e; i++)
+        if (v == v && (op == 1 ? !(x[i] <= v) : !(x[i] >= v))) v = x[i];
+    return v;
+}
+
+/* per run [bounds[g], bounds[g + 1]) of each float64 row: its sum (op 0, run_sum), maximum (1) or
+   minimum (2, run_extreme); a NaN gives NaN, an empty run 0, −inf or +inf */
 void nld_runs(int64_t op, int64_t n_rows, const int64_t *rows, int64_t n_runs, const int64_t *bounds,
               double *out) {
     for (int64_t r = 0; r < n_rows; r++) {
         const double *x = (const double *)rows[r];
-        for (int64_t g = 0; g < n_runs; g++) {
-            int64_t i = bounds[g], e = bounds[g + 1];
-            double v;
-            if (op == 0) {
-                double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-                for (; i + 4 <= e; i += 4) {
-                    s0 += x[i];
-                    s1 += x[i + 1];
-                    s2 += x[i + 2];
-                    s3 += x[i + 3];
-                }
-                v = (s0 + s1) + (s2 + s3);
-                for (; i < e; i++) v += x[i];
-            } else {
-                v = op == 1 ? -__builtin_inf() : __builtin_inf();
-                /* a larger (smaller) entry or a NaN replaces v, nothing replaces a NaN */
-                for (; i < e; i++)
-                    if (v == v && (op == 1 ? !(x[i] <= v) : !(x[i] >= v))) v = x[i];
-            }
-            out[r * n_runs + g] = v;
-        }
+        for (int64_t g = 0; g < n_runs; g++)
+            out[r * n_runs + g] = op == 0 ? run_sum(x, bounds[g], bounds[g + 1])
+                                          : run_extreme(op, x, bounds[g], bounds[g + 1]);
     }
+}
+
+/* One tracked step's per-neuron work, as NoetherTracker._accumulate does it with torch ops and in
+   the same order of operations (the same bits): the step's residuals, the continuous law's step and
+   the equilibrium averages of each group neuron, whether the step is valid (every observed change
+   and unexplained residual finite), and on a valid step the held rows and the accumulators written.
+
+   in[k]: the address of input row k (enum below; 0: absent), stride[k]: 0 where one number serves
+   every neuron, else 1; the four boolean rows are bytes. flags: has_linear, parts (1 or 2: per part
+   7 rows, the quadratic charges' then the linear ones'), has_quad, has_UU, has_metric, has_abs1,
+   fresh. out: N_OUT rows of n (enum below). On a valid step each commit triple (dst, src, stride)
+   copies a row into the held state, and the accumulators (n_groups per row) take the step: rows
+   acc_rows[0..2] the maxima of |e|, |b|, |e| (fmax), acc_rows[3..5] the sums of the observed,
+   symmetric and breaking changes (run_sum), acc_rows[6..11] the constants' means and counts (from
+   cmeans, 6 rows); on an invalid one acc_rows[12] (the invalid steps) counts it. Returns the step's
+   validity. */
+enum { I_Q0, I_Q1, I_T0, I_T1, I_PART0, I_PART1 = I_PART0 + 7, I_DRIVE = I_PART1 + 7, I_EQ_DRIVE, I_UU, I_M0, I_M1,
+       I_ROUND, I_ROUND_LIN, I_COUNT, I_NUMEL_SQ, I_ALPHA, I_PROP, I_ON = I_PROP + 6, I_NLD, I_NLD_RATE, I_EMA_X,
+       I_EMA_W, I_LINEAR, I_SCALE, I_ADAPTIVE, I_EQ_NUMEL, N_IN };
+/* a part's rows: observed, symmetric, breaking, force, coefficient, terms' scale, |Δθ|² */
+#define SB 64 /* neurons per block */
+enum { P_OBS, P_SYM, P_BRK, P_FORCE, P_COEFF, P_TERMS, P_STEP_SQ };
+enum { O_Q0, O_Q1, O_PRED, O_TOL, O_STEP_SQ, O_NLD, O_NLD_RATE, O_EMA_X, O_EMA_W, O_RADIAL, O_METRIC_CHARGE,
+       O_METRIC_PRED, O_BRK, O_R, O_B, O_E, O_OBS, O_SYM, N_OUT };
+int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64_t *stride, double *out,
+                 int64_t n_commit, const int64_t *commit, double *acc, int64_t n_groups, const int64_t *bounds,
+                 const int64_t *acc_rows, const double *cmeans) {
+    const int has_linear = flags[0], parts = flags[1], has_quad = flags[2], has_uu = flags[3],
+              has_metric = flags[4], has_abs1 = flags[5], fresh = flags[6];
+    const double nan = __builtin_nan("");
+    int ok = 1;
+    /* in blocks of SB neurons copied to the stack first: read in place, the 60-odd rows (as many
+       streams, often a multiple of 4 KiB apart) would evict each other's cache lines */
+    for (int64_t i0 = 0; i0 < n; i0 += SB) {
+        const int64_t m = n - i0 < SB ? n - i0 : SB;
+        double x[I_LINEAR][SB], o[N_OUT][SB];
+        unsigned char f[N_IN - I_LINEAR][SB];
+        for (int k = 0; k < N_IN; k++) {
+            if (!in[k]) {
+                if (k < I_LINEAR) memset(x[k], 0, sizeof x[k]);
+                else memset(f[k - I_LINEAR], 0, sizeof f[k - I_LINEAR]);
+                continue;
+            }
+            if (k < I_LINEAR) {
+                const double *src = (const double *)in[k];
+                if (stride[k]) memcpy(x[k], src + i0, m * sizeof(double));
+                else for (int64_t j = 0; j < m; j++) x[k][j] = src[0];
+            } else {
+                const unsigned char *src = (const unsigned char *)in[k];
+                if (stride[k]) memcpy(f[k - I_LINEAR], src + i0, m);
+                else memset(f[k - I_LINEAR], src[0], m);
+            }
+        }
+        /* (branch-free, so that it vectorises: both sides of each choice are formed) */
+        for (int64_t i = 0; i < m; i++) {
+#define X(k) x[k][i]
+#define B(k) (f[(k) - I_LINEAR][i] != 0)
+            const int lin = B(I_LINEAR), lin_q = has_linear & lin, lin_part = (parts == 2) & lin;
+            const double q0 = lin_q ? X(I_T0) : X(I_Q0), q1 = lin_q ? X(I_T1) : X(I_Q1);
+#define PART(r) (lin_part ? X(I_PART1 + (r)) : X(I_PART0 + (r)))
+            const double obs = PART(P_OBS), force = PART(P_FORCE), coeff = PART(P_COEFF), terms = PART(P_TERMS);
+            const double rounding = has_abs1 & lin ? X(I_ROUND_LIN) : X(I_ROUND);
+            double u = q0 * X(I_UU);
+            u = u < 0 ? 0.0 : u; /* clamp_min(0): a NaN stays */
+            const double radial_any = (has_quad ? X(I_PART0 + P_FORCE) : nan) / __builtin_sqrt(u);
+            const double radial = has_uu & B(I_ADAPTIVE) & B(I_SCALE) ? radial_any : nan;
+            const double metric_charge = has_metric & !lin ? X(I_M0) : nan;
+            const double metric_pred = has_metric & !lin ? X(I_M1) : nan;
+            const double drive = lin ? 0.0 : X(I_DRIVE);
+            const double eq_x = B(I_EQ_NUMEL) ? X(I_NUMEL_SQ) : q0 * X(I_EQ_DRIVE);
+            /* mixed coefficients in a group: only Σ s_i R_i = 0 is a symmetry, the rest a real drift */
+            const double brk = -(coeff / X(I_COUNT)) * force;
+            const double sym = PART(P_SYM) + (PART(P_BRK) - brk);
+            const double tol = terms + 4.0 * rounding, D = tol > 0 ? tol : 1.0;
+            const double r = (obs - sym) / D, b = brk / D, e = r - b;
+            const int on = X(I_ON) > 0;
+            const double Q = on ? X(I_NLD) : q0, dQ = on ? X(I_NLD_RATE) : 0.0;
+            const double Qn = X(I_PROP) * Q + X(I_PROP + 1) * dQ + X(I_PROP + 2) * drive;
+            const double dQn = X(I_PROP + 3) * Q + X(I_PROP + 4) * dQ + X(I_PROP + 5) * drive;
+            const double alpha = X(I_ALPHA), ema_x = X(I_EMA_X), ema_w = X(I_EMA_W);
+            o[O_Q0][i] = q0, o[O_Q1][i] = q1, o[O_PRED][i] = q0 + sym, o[O_TOL][i] = tol;
+            o[O_STEP_SQ][i] = PART(P_STEP_SQ);
+            const int observed = !fresh & !on; /* started mid-run: Q'(t0) the observed step */
+            o[O_NLD][i] = observed ? q1 : Qn, o[O_NLD_RATE][i] = observed ? q1 - q0 : dQn;
+            o[O_EMA_X][i] = ema_x + alpha * (eq_x - ema_x), o[O_EMA_W][i] = ema_w + alpha * (1.0 - ema_w);
+            o[O_RADIAL][i] = radial, o[O_METRIC_CHARGE][i] = metric_charge, o[O_METRIC_PRED][i] = metric_pred;
+            o[O_BRK][i] = brk, o[O_R][i] = r, o[O_B][i] = b, o[O_E][i] = e, o[O_OBS][i] = obs, o[O_SYM][i] = sym;
+            ok &= (obs - obs == 0) & (e - e == 0); /* x − x is 0 for every finite x */
+#undef PART
+#undef X
+#undef B
+        }
+        for (int k = 0; k < N_OUT; k++) memcpy(out + k * n + i0, o[k], m * sizeof(double));
+    }
+    if (!ok) {
+        for (int64_t g = 0; g < n_groups; g++) acc[acc_rows[12] * n_groups + g] += 1.0;
+        return 0;
+    }
+    for (int64_t c = 0; c < n_commit; c++) {
+        double *dst = (double *)commit[3 * c];
+        const double *src = (const double *)commit[3 * c + 1];
+        const int64_t st = commit[3 * c + 2];
+        for (int64_t i = 0; i < n; i++) dst[i] = src[i * st];
+    }
+    const double *e = out + O_E * n, *b = out + O_B * n;
+    for (int64_t g = 0; g < n_groups; g++) {
+        const int64_t i0 = bounds[g], i1 = bounds[g + 1];
+        double me = -__builtin_inf(), mb = -__builtin_inf();
+        for (int64_t i = i0; i < i1; i++) {
+            const double ae = __builtin_fabs(e[i]), ab = __builtin_fabs(b[i]);
+            if (me == me && !(ae <= me)) me = ae;
+            if (mb == mb && !(ab <= mb)) mb = ab;
+        }
+        const double ext[3] = {me, mb, me};
+        for (int k = 0; k < 3; k++) {
+            double *a = acc + acc_rows[k] * n_groups + g;
+            *a = __builtin_fmax(*a, ext[k]);
+        }
+        const int sums[3] = {O_OBS, O_SYM, O_BRK};
+        for (int k = 0; k < 3; k++) acc[acc_rows[3 + k] * n_groups + g] += run_sum(out + sums[k] * n, i0, i1);
+        for (int k = 0; k < 6; k++) acc[acc_rows[6 + k] * n_groups + g] = cmeans[k * n_groups + g];
+    }
+    return 1;
 }
 
 /* n_parts job tables at once, one per thread of the OpenMP team (torch's own threads where torch
@@ -432,6 +567,9 @@ void nld_run_parts(int64_t n_parts, const int64_t *n_jobs, const int64_t *const 
     for (int64_t p = 0; p < n_parts; p++) nld_run(n_jobs[p], ptrs, tables[p], res);
 }
 """
+
+# nld_step's input rows (N_IN)
+STEP_INPUTS = 43
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -472,7 +610,7 @@ def _build(cc: str, target: Path, openmp: bool) -> None:
         out = Path(tmp) / target.name
         # no implicit contraction: each product is added with one explicit fused multiply-add, so
         # a sum has the same bits in every specialised copy of the job
-        base = [cc, "-O3", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
+        base = [cc, "-O3", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
         errors = []
         # the host's vector width and OpenMP, where the compiler has them
         tries = [["-march=native"], []]
@@ -532,6 +670,10 @@ def load() -> ctypes.CDLL | None:
         lib.nld_runs.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_void_p]
         lib.nld_runs.restype = None
+        lib.nld_step.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_void_p]
+        lib.nld_step.restype = ctypes.c_int64
         _lib = lib
         return lib
 

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
@@ -43,7 +44,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import FrameType
@@ -52,6 +53,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from . import kernel as _kernel
 from . import theory
 from .charges import AdamDirection, ChargeLayout, Restricted, host_to_device
 from .optim import Hyper, OptimizerModel, adam_bias_corrections, adaptive_tensors, optimizer_model, stepped_batches
@@ -117,6 +119,13 @@ _HELD_KEYS = ("q0", "q1", "pred", "tol", "step_sq", "eff_factor", "eq_coef", "ad
 _STATE_KEYS = _DYN_KEYS + _HELD_KEYS
 # held too where an adaptive rule gives them (rows added at its first step, NaN until a valid one)
 _ADAPTIVE_KEYS = ("radial", "metric_charge", "metric_pred")
+# The compiled step's (kernel.nld_step) output rows, its input rows' order, and the accumulator rows
+# it writes: _STEP_UPDATE, then the invalid steps' count.
+_OUT_KEYS = ("q0", "q1", "pred", "tol", "step_sq", "nld", "nld_rate", "ema_x", "ema_w", *_ADAPTIVE_KEYS,
+             "brk", "r", "b", "e", "obs", "sym")
+_N_OUT = len(_OUT_KEYS)
+_STEP_ACC_ROWS = (ctypes.c_int64 * 13)(*_STEP_UPDATE, _BAD)
+_TRUE, _FALSE = torch.tensor(True), torch.tensor(False)  # a compiled step's validity (read-only)
 
 
 @dataclass
@@ -248,9 +257,60 @@ class _LastStep:
     step: int
     identities: bool
     ok: Tensor  # the step was valid: the held state is this step's
-    values: dict[str, Tensor]  # q0, q1 and the residuals
+    values: Mapping[str, Tensor]  # q0, q1 and the residuals
     held: dict[str, Tensor]  # views of the held state (rows of its buffer)
     info: _TheoryLayout
+
+
+class _OutRows(Mapping[str, Tensor]):
+    """The compiled step's record of a step (q0, q1 and the residuals): rows of its output, made when read."""
+
+    _ROWS = {k: _OUT_KEYS.index(k) for k in ("q0", "q1", "brk", "r", "b", "e")}
+
+    def __init__(self, out: Tensor) -> None:
+        self._out = out
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._out[self._ROWS[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ROWS)
+
+    def __len__(self) -> int:
+        return len(self._ROWS)
+
+
+class _StepPlan:
+    """The tables of the compiled step (``kernel.nld_step``) for one set of coefficients, held rows and kind of step.
+
+    Every address but the step's own rows (mapped and output) is fixed while they hold; :meth:`place`
+    writes those in before each call.
+    """
+
+    def __init__(self, cg: dict[str, Any], rows: Tensor, flags: tuple[int, ...], lib: Any, inputs: Sequence[Any],
+                 commit: Sequence[tuple[Any, Any, int]], held: dict[str, Tensor]) -> None:
+        self.cg, self.rows, self.flags, self.lib, self.held = cg, rows, flags, lib, held  # (held: its rows' views)
+        self.c_flags = (ctypes.c_int64 * len(flags))(*flags)
+        fixed = [x if isinstance(x, tuple) and isinstance(x[0], int) else (0, 1 if x else 0) for x in inputs]
+        self.inputs = (ctypes.c_int64 * len(inputs))(*(a for a, _ in fixed))
+        self.strides = (ctypes.c_int64 * len(inputs))(*(st for _, st in fixed))
+        self.placed = [(k, x[0], x[1]) for k, x in enumerate(inputs) if x is not None and isinstance(x[0], str)]
+        self.n_commit = len(commit)
+        self.commit = (ctypes.c_int64 * (3 * len(commit)))(
+            *(v for d, src, st in commit for v in (d, 0 if isinstance(src, tuple) else src, st)))
+        self.out_slots = [(3 * c + 1, src[1]) for c, (_, src, _) in enumerate(commit) if isinstance(src, tuple)]
+
+    def place(self, signed: Tensor, unsigned: Tensor, out: Tensor) -> None:
+        """Write this step's row addresses into the tables."""
+        base = {"s": (signed.data_ptr(), 8 * signed.stride(0)), "u": (unsigned.data_ptr(), 8 * unsigned.stride(0))}
+        inputs = self.inputs
+        for k, which, r in self.placed:
+            b, step = base[which]
+            inputs[k] = b + r * step
+        o, step = out.data_ptr(), 8 * out.stride(0)
+        commit = self.commit
+        for c, r in self.out_slots:
+            commit[c] = o + r * step
 
 
 @dataclass
@@ -361,6 +421,7 @@ class _TheoryLayout:
     partial: Tensor | None  # bool: the neuron's sums are partial on this rank (None: no such neuron)
     ones: Tensor  # 1 and NaN on every neuron (read-only: one value, expanded)
     nan: Tensor
+    bounds: Tensor  # int64 on the host: each group's first neuron, then the number of neurons
 
     @property
     def has_linear(self) -> bool:
@@ -392,7 +453,8 @@ class _TheoryLayout:
         one, nan = (torch.full((), v, dtype=torch.float64, device=dev).expand(lay.n_neurons) for v in (1.0, math.nan))
         return cls(lay, [g.key for g in lay.groups], linear, scale, lay.to_groups(ones, unsigned=True),
                    lay.to_groups(host_to_device(per_red, dev), unsigned=True).square(), lin_params,
-                   None if lay.covers_all else host_to_device(owned, dev), partial, one, nan)
+                   None if lay.covers_all else host_to_device(owned, dev), partial, one, nan,
+                   torch.tensor([*lay.group_offsets, lay.n_neurons], dtype=torch.int64))
 
 
 def _is_sharded(p: Tensor) -> bool:
@@ -673,6 +735,7 @@ class NoetherTracker:
                              if c is not torch.optim.Optimizer) and "step" in vars(type(optimizer))
         self.logged: list[dict[str, float]] = []
         self._last_step: _LastStep | None = None
+        self._step_plan: _StepPlan | None = None
         self._last_record: StepRecord | None = None
         self.report: SymmetryReport | None = None
         self._signature: tuple[int, int] | None = None
@@ -1316,9 +1379,10 @@ class NoetherTracker:
         del g, per_neuron, rms_decay  # the all-rows table goes before the means (the first step's peak)
         # (the held rows' values per neuron: one number expanded, made once here rather than every step)
         eff_factor, eq_coef = (r.expand(lay.n_neurons) for r in (rates[0], rates[2]))
+        means = self._finite_mean(const)
         return {"adaptive": flags[0], "eq_numel": eq_numel, "flags": flags.to(torch.float64),
                 "eff_factor": eff_factor, "alpha": rates[1], "eq_coef": eq_coef, "prop": prop,
-                "means": self._finite_mean(const)}
+                "means": means, "means_rows": torch.cat(means)}
 
     def _setting_shares(self, which: Sequence[int], n_settings: int) -> Tensor:
         """(settings, group neurons): the share of each neuron's reductions on tensors of each setting.
@@ -1382,6 +1446,8 @@ class NoetherTracker:
         assert lay is not None and acc is not None
         info = self._theory()
         signed, unsigned = m.take()  # the mapped rows live while a view of them is needed, no longer
+        if self._compiled_step(signed, unsigned, m, info):
+            return
         S = iter(signed.unbind())
         U = iter(() if unsigned is None else unsigned.unbind())
         del signed, unsigned
@@ -1452,8 +1518,9 @@ class NoetherTracker:
                 Qn, dQn = torch.where(on, Qn, q1), torch.where(on, dQn, q1 - q0)
             # §2.4: the EMA of X over one relaxation time, per sampled step the weight of its span
             alpha = cg["alpha"] if self._span == 1 else 1.0 - (1.0 - cg["alpha"]) ** self._span
-            ema_x = torch.lerp(dyn["ema_x"], X, alpha)
-            ema_w = torch.lerp(dyn["ema_w"], info.ones, alpha)
+            # (written out: torch.lerp fuses the multiply-add on its vectorised entries only)
+            ema_x = dyn["ema_x"] + alpha * (X - dyn["ema_x"])
+            ema_w = dyn["ema_w"] + alpha * (1.0 - dyn["ema_w"])
             # the last-value inputs: the rates, angles and means are made of them only when read
             new.update(pred=q0 + sym, tol=tol, step_sq=step_sq, nld=Qn, nld_rate=dQn, ema_x=ema_x, ema_w=ema_w,
                        eff_factor=cg["eff_factor"], eq_coef=cg["eq_coef"], adaptive=cg["flags"][0],
@@ -1490,6 +1557,74 @@ class NoetherTracker:
         self._last_step = _LastStep(self.step + 1, cg is not None, ok, {"q0": q0, "q1": q1, "brk": brk, "r": r,
                                                                          "b": b, "e": e}, dict(held), info)
         self._last_record = None
+
+    def _compiled_step(self, signed: Tensor, unsigned: Tensor | None, m: _Mapped, info: _TheoryLayout) -> bool:
+        """:meth:`_accumulate` in one call of the compiled kernel (``nld_step``); ``False`` where it does not apply.
+
+        It applies to a predicted step on float64 CPU rows with the kernel loaded, after the first
+        tracked step, one optimizer step per tracked step and every neuron on this rank. The kernel
+        takes the same operations in the same order as the torch ops below: the same bits.
+        """
+        lay, acc, cg = self.layout, self._acc_rows, m.coef
+        if (cg is None or unsigned is None or not self._started or self._span != 1 or info.owned is not None
+                or lay is None or acc is None or not lay.compiled or signed.dtype is not torch.float64
+                or not signed.is_cpu or signed.stride(1) != 1 or unsigned.stride(1) != 1):
+            return False
+        flags = (int(info.has_linear), m.parts, int(m.quad), int(m.UU), int(m.metric), int(m.abs1), int(m.fresh))
+        plan = self._step_plan
+        if plan is None or plan.cg is not cg or plan.rows is not self._dyn_rows or plan.flags != flags:
+            plan = self._step_plan = self._plan_step(cg, info, flags)
+        n = lay.n_neurons
+        out = torch.empty(_N_OUT, n, dtype=torch.float64)
+        plan.place(signed, unsigned, out)
+        ok = plan.lib.nld_step(n, plan.c_flags, plan.inputs, plan.strides, out.data_ptr(), plan.n_commit, plan.commit,
+                               acc.data_ptr(), acc.shape[1], info.bounds.data_ptr(), _STEP_ACC_ROWS,
+                               cg["means_rows"].data_ptr())
+        self._held_pending = True
+        self._held_cache = None
+        self._last_step = _LastStep(self.step + 1, True, _TRUE if ok else _FALSE, _OutRows(out), plan.held, info)
+        self._last_record = None
+        return True
+
+    def _plan_step(self, cg: dict[str, Any], info: _TheoryLayout, flags: tuple[int, ...]) -> _StepPlan:
+        """The compiled step's tables for these coefficients, held rows and kind of step (kept while they hold)."""
+        has_linear, parts, _, has_uu, has_metric, has_abs1, _ = flags
+        keys = {"radial"} if has_uu else set()
+        keys |= {"metric_charge", "metric_pred"} if has_metric else set()
+        if not keys <= self._dyn.keys():
+            self._add_state_rows(keys - self._dyn.keys())
+        held = self._dyn
+
+        def row(t: Tensor) -> tuple[int, int]:  # address and stride (0: one number for every neuron)
+            return t.data_ptr(), t.stride(-1) if t.dim() else 0
+
+        # input slots: (address, stride), or ("signed" | "unsigned", row) placed per step, or None
+        S: list[Any] = [("s", 0), ("s", 1), *((("s", 2), ("s", 3)) if has_linear else (None, None))]
+        s0 = 4 if has_linear else 2
+        for part in range(2):
+            S += [*(("s", s0 + 4 * part + j) for j in range(4)), *(("u", 3 * part + j) for j in range(3))] \
+                if part < parts else [None] * 7
+        i = s0 + 4 * parts
+        S += [("s", i), ("s", i + 1), ("s", i + 2) if has_uu else None]
+        i += 2 + has_uu
+        S += [("s", i), ("s", i + 1)] if has_metric else [None, None]
+        S += [("u", 3 * parts), ("u", 3 * parts + 1) if has_abs1 else None]
+        S += [row(info.count), row(info.numel_sq), row(cg["alpha"]), *(row(r) for r in cg["prop"].unbind())]
+        S += [row(held[k]) for k in ("on", "nld", "nld_rate", "ema_x", "ema_w")]
+        S += [row(info.linear), row(info.scale), row(cg["adaptive"]), row(cg["eq_numel"])]
+        assert len(S) == _kernel.STEP_INPUTS
+        # the held rows a valid step writes: this step's (out rows), or the coefficients' (one number or a row)
+        const = dict(on=info.ones, eff_factor=cg["eff_factor"], eq_coef=cg["eq_coef"], adaptive=cg["flags"][0],
+                     rmsprop=cg["flags"][1])
+        commit: list[Any] = []
+        for k, dst in held.items():
+            if k in const:
+                commit.append((dst.data_ptr(), *row(const[k])))
+            elif k in _OUT_KEYS[:12] and (k not in _ADAPTIVE_KEYS or k in keys):
+                commit.append((dst.data_ptr(), ("o", _OUT_KEYS.index(k)), 1))
+        lib = _kernel.load()
+        assert lib is not None
+        return _StepPlan(cg, self._dyn_rows, flags, lib, S, commit, dict(held))
 
     @staticmethod
     def _derived(v: Mapping[str, Tensor], info: _TheoryLayout) -> dict[str, Tensor]:

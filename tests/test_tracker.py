@@ -7,6 +7,7 @@ exact identities of physics.md §2.1 per tensor with plain loops.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -826,3 +827,101 @@ def test_a_logging_window_logs_what_logging_every_step_logs_at_its_end(make, law
                 assert v == max((each[s][t] for s in steps), default=0.0), t
             else:
                 assert v == ref[t], (t, v, ref[t])
+
+
+COMPILED_STEP = [
+    dict(id="sgd", make=lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=5e-3)),
+    dict(id="heavy_ball", make=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-3, dampening=0.2)),
+    dict(id="nesterov", make=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-3)),
+    dict(id="sgdw", make=lambda ps: SGDW(ps, lr=0.05, momentum=0.9, weight_decay=5e-3)),
+    dict(id="mixed_settings", make=lambda ps: torch.optim.SGD(
+        [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.02, "weight_decay": 0.0}], lr=0.05, momentum=0.9,
+        weight_decay=1e-2)),
+    dict(id="adamw", make=lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)),
+    dict(id="adam_b1_0", make=lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.0, 0.99), weight_decay=1e-2)),
+    dict(id="rmsprop", make=lambda ps: torch.optim.RMSprop(ps, lr=1e-2, weight_decay=1e-2)),
+    dict(id="poisoned", make=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), poison_at=6),
+    dict(id="attached_mid_run", make=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), attach_at=4),
+    # its first tracked step invalid (the parameters restored after it): the laws start at the next
+    # step, from the observed one
+    dict(id="attached_mid_run_poisoned", make=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), attach_at=4,
+         poison_at=4, restore=True),
+    # a frozen zero bias (declared groups): its translation charge neither moves nor has a rounding
+    # floor (D = 0)
+    dict(id="frozen_zero_bias", make=lambda ps: torch.optim.SGD(ps, lr=0.1), frozen="fc1.bias"),
+]
+
+
+@pytest.mark.parametrize("case", COMPILED_STEP, ids=[c["id"] for c in COMPILED_STEP])
+def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
+    """``nld_step`` (the kernel's per-neuron step) against the torch ops it stands for: same bits.
+
+    The same run twice, the second with the compiled step switched off; every logged value, the
+    held per-neuron state, the accumulators and the last step's record agree bit for bit (NaN where
+    NaN). Scale, translation (linear charges) and rescale groups, every optimizer family, mixed
+    settings, a non-finite gradient and a tracker attached to a running optimizer.
+    """
+    from nld_callbacks import kernel
+
+    if kernel.load() is None:
+        pytest.skip("no C compiler: the kernel cannot be built")
+    x, y = synthetic_classification(n=64, dtype=torch.float64)
+    calls = []
+    compiled_step = NoetherTracker._compiled_step
+
+    def run(compiled):
+        def spy(self, *args):
+            done = compiled and compiled_step(self, *args)
+            calls.append(done)
+            return done
+
+        monkeypatch.setattr(NoetherTracker, "_compiled_step", spy)
+        torch.manual_seed(0)
+        model = MLPBN().double()
+        found: dict = dict(example_input=x)
+        if "frozen" in case:
+            model.get_parameter(case["frozen"]).requires_grad_(False).zero_()
+            found = dict(symmetries=[*mlp_bn_groups(), SymmetryGroup("translation", "fc1", (Member("fc1.bias", 0),),
+                                                                       32, "output channel", "declared")])
+        opt = case["make"](list(model.parameters()))
+        tracker = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the non-finite step's warning
+            for t in range(1, 11):
+                if t == case.get("attach_at", 1):
+                    tracker = NoetherTracker(model, opt, log_every_n_steps=1, **found)
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                poisoned = t == case.get("poison_at")
+                state = [t for p in model.parameters() for t in (p, opt.state[p]["momentum_buffer"])
+                         ] if poisoned and case.get("restore") else []
+                saved = [t.clone() for t in state]
+                if poisoned:
+                    model.fc1.weight.grad[0, 0] = float("nan")
+                opt.step()
+                with torch.no_grad():
+                    for now, before in zip(state, saved):
+                        now.copy_(before)
+        assert tracker is not None
+        rec = tracker.last
+        assert rec is not None
+        fields = [f.name for f in dataclasses.fields(rec) if isinstance(getattr(rec, f.name), torch.Tensor)]
+        return (tracker.logged, tracker._dyn_rows.clone(), tracker._acc_rows.clone(),
+                {f: getattr(rec, f) for f in fields}, set(tracker._dyn))
+
+    fast = run(True)
+    assert calls and all(calls[1:]) and not calls[0]  # (the first tracked step starts the accumulators)
+    calls.clear()
+    slow = run(False)
+    assert calls and not any(calls)
+    assert fast[4] == slow[4]
+    assert len(fast[0]) == len(slow[0]) >= 7
+    for a, b in zip(fast[0], slow[0]):
+        assert a.keys() == b.keys()
+        torch.testing.assert_close(torch.tensor(list(a.values())), torch.tensor(list(b.values())), rtol=0, atol=0,
+                                   equal_nan=True)
+    for a, b in zip(fast[1:3], slow[1:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert fast[3].keys() == slow[3].keys()
+    for f in fast[3]:
+        torch.testing.assert_close(fast[3][f], slow[3][f], rtol=0, atol=0, equal_nan=True, msg=f)
