@@ -1,5 +1,4 @@
-"""A compiled CPU kernel for the per-neuron sums and maps of :class:`~nld_callbacks.charges.ChargeLayout`,
-and for the tracker's per-neuron step.
+"""A compiled CPU kernel: the charge sums and maps of ChargeLayout, and the tracker's per-neuron step.
 
 Torch's CPU ops evaluate one product ``X ⊙ Y`` per op: each product reads both factors and
 writes and reads back a temporary, so the five products of a tracked step read every parameter,
@@ -43,12 +42,16 @@ Two more calls map float64 rows for the layout (each row read where it is, nothi
 neurons (members in order, onto zeros), and ``nld_runs`` sums, or takes the maximum or minimum of,
 each group's run of neurons (the sum with four running sums, added pairwise; a NaN gives NaN).
 
-``nld_step`` takes one tracked step's per-neuron work off :class:`~nld_callbacks.tracker.NoetherTracker`
-(its ``_accumulate``): the residuals, the continuous law's step and the equilibrium averages of every
-group neuron, the step's validity, and on a valid step the held rows and the accumulators. It runs the
-torch ops' operations in their order (no contraction, IEEE divisions and square roots), so it gives their
-bits, in blocks of neurons copied to the stack first: read in place, its 60-odd rows would evict each
-other's cache lines.
+Three calls take the per-neuron work of :class:`~nld_callbacks.tracker.NoetherTracker` off torch ops
+(the hundred-odd small ops of a step cost more in dispatch than in arithmetic). ``nld_step`` is one
+tracked step: the residuals, the continuous law's step and the equilibrium averages of every group
+neuron, the step's validity, and on a valid step the held rows and the accumulators. ``nld_derive``
+and ``nld_last`` make the last-value rows of a logging step from the held state (the arcsine of the
+angular update is left to torch). They run the torch ops' operations in their order, without
+contraction, so they give the torch ops' bits; the one exception is the square root, which here is
+the IEEE one, where torch's float64 square root on the CPU (SLEEF's, within 0.5001 ulp) is one ulp
+off on about 1% of the entries. ``nld_step`` copies its rows to the stack in blocks of neurons first:
+read in place, its 60-odd rows (often a multiple of 4 KiB apart) would evict each other's cache lines.
 
 ``nld_run_parts(n_parts, n_jobs, tables, ptrs, res)`` runs ``n_parts`` such tables at once, one per
 OpenMP thread. The kernel is built with OpenMP where torch itself runs on GNU ``libgomp`` (its
@@ -436,9 +439,10 @@ void nld_runs(int64_t op, int64_t n_rows, const int64_t *rows, int64_t n_runs, c
 }
 
 /* One tracked step's per-neuron work, as NoetherTracker._accumulate does it with torch ops and in
-   the same order of operations (the same bits): the step's residuals, the continuous law's step and
-   the equilibrium averages of each group neuron, whether the step is valid (every observed change
-   and unexplained residual finite), and on a valid step the held rows and the accumulators written.
+   the same order of operations (the same bits, square roots the IEEE ones): the step's residuals,
+   the continuous law's step and the equilibrium averages of each group neuron, whether the step is
+   valid (every observed change and unexplained residual finite), and on a valid step the held rows
+   and the accumulators written.
 
    in[k]: the address of input row k (enum below; 0: absent), stride[k]: 0 where one number serves
    every neuron, else 1; the four boolean rows are bytes. flags: has_linear, parts (1 or 2: per part
@@ -464,8 +468,7 @@ int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64
               has_metric = flags[4], has_abs1 = flags[5], fresh = flags[6];
     const double nan = __builtin_nan("");
     int ok = 1;
-    /* in blocks of SB neurons copied to the stack first: read in place, the 60-odd rows (as many
-       streams, often a multiple of 4 KiB apart) would evict each other's cache lines */
+    /* in blocks of SB neurons copied to the stack first (see the module's docstring) */
     for (int64_t i0 = 0; i0 < n; i0 += SB) {
         const int64_t m = n - i0 < SB ? n - i0 : SB;
         double x[I_LINEAR][SB], o[N_OUT][SB];
@@ -556,6 +559,69 @@ int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64
         for (int k = 0; k < 6; k++) acc[acc_rows[6 + k] * n_groups + g] = cmeans[k * n_groups + g];
     }
     return 1;
+}
+
+/* The held state's derived rows (NoetherTracker._derived, torch's order of operations): per neuron
+   out[0] the effective learning rate, out[1] the argument x of the angular update 2·asin(x) (NaN where
+   it has none: the caller takes the arcsine, as torch does it), out[2] the equilibrium charge,
+   out[3] the RMSProp accumulator. in: q0, q1, |Δθ|², adaptive, eff_factor, eq_coef, ema_x, ema_w,
+   rmsprop (float64 rows) and scale (bytes); adaptive read only where has_radial. */
+void nld_derive(int64_t n, const int64_t *in, int64_t has_radial, double *out) {
+    const double *q0 = (const double *)in[0], *q1 = (const double *)in[1], *step_sq = (const double *)in[2],
+                 *adaptive = (const double *)in[3], *eff_factor = (const double *)in[4],
+                 *eq_coef = (const double *)in[5], *ema_x = (const double *)in[6], *ema_w = (const double *)in[7],
+                 *rmsprop = (const double *)in[8];
+    const unsigned char *scale = (const unsigned char *)in[9];
+    const double nan = __builtin_nan(""), tiny = 2.2250738585072014e-308; /* float64's smallest normal */
+    double *eff = out, *x = out + n, *qstar = out + 2 * n, *rms_acc = out + 3 * n;
+    for (int64_t i = 0; i < n; i++) {
+        const double a = q0[i], b = q1[i];
+        const double n0 = __builtin_sqrt(a < 0 ? 0.0 : a), n1 = __builtin_sqrt(b < 0 ? 0.0 : b);
+        const double norm = has_radial && adaptive[i] > 0 ? n0 : a;
+        eff[i] = a > 0 ? eff_factor[i] / norm : nan;
+        /* |ŵ_{t+1} − ŵ_t|² = (|Δθ|² − (|w_{t+1}| − |w_t|)²) / (|w_t||w_{t+1}|) (theory.angular_update) */
+        const double sum = n0 + n1, prod = n0 * n1;
+        const double dn = (b - a) / (sum < tiny ? tiny : sum);
+        double chord_sq = step_sq[i] - dn * dn;
+        chord_sq = (chord_sq < 0 ? 0.0 : chord_sq) / (prod < tiny ? tiny : prod);
+        double half = __builtin_sqrt(chord_sq) / 2.0;
+        half = half > 1.0 ? 1.0 : half;
+        x[i] = (a > 0) & (b > 0) ? half : nan;
+        qstar[i] = scale[i] ? __builtin_sqrt(eq_coef[i] * ema_x[i] / ema_w[i]) : nan;
+        rms_acc[i] = rmsprop[i] > 0 ? b * b : nan;
+    }
+}
+
+/* The last-value rows of the accumulators from the held state (NoetherTracker._write_last): per group,
+   the sums of the 7 rows at sum_rows[k] (0: a row of NaN), the means of the finite entries of the 4
+   rows at mean_rows[k] (0: NaN) and their counts, written into acc rows acc_rows[0..14] of each group
+   with a valid step (the sum of the row `on` > 0). scratch: 9 rows of n. */
+void nld_last(int64_t n, const int64_t *sum_rows, const int64_t *mean_rows, const double *on, double *scratch,
+              double *acc, int64_t n_groups, const int64_t *bounds, const int64_t *acc_rows) {
+    const double nan = __builtin_nan("");
+    double *nans = scratch + 8 * n;
+    for (int64_t i = 0; i < n; i++) nans[i] = nan;
+    for (int k = 0; k < 4; k++) {
+        const double *v = mean_rows[k] ? (const double *)mean_rows[k] : nans;
+        double *kept = scratch + k * n, *finite = scratch + (4 + k) * n;
+        for (int64_t i = 0; i < n; i++) {
+            const int f = v[i] - v[i] == 0; /* x − x is 0 for every finite x */
+            kept[i] = f ? v[i] : 0.0;
+            finite[i] = f;
+        }
+    }
+    for (int64_t g = 0; g < n_groups; g++) {
+        const int64_t i0 = bounds[g], i1 = bounds[g + 1];
+        if (!(run_sum(on, i0, i1) > 0)) continue;
+        double *a = acc + g;
+        for (int k = 0; k < 7; k++)
+            a[acc_rows[k] * n_groups] = run_sum(sum_rows[k] ? (const double *)sum_rows[k] : nans, i0, i1);
+        for (int k = 0; k < 4; k++) {
+            const double total = run_sum(scratch + k * n, i0, i1), count = run_sum(scratch + (4 + k) * n, i0, i1);
+            a[acc_rows[7 + k] * n_groups] = total / count;
+            a[acc_rows[11 + k] * n_groups] = count;
+        }
+    }
 }
 
 /* n_parts job tables at once, one per thread of the OpenMP team (torch's own threads where torch
@@ -674,6 +740,11 @@ def load() -> ctypes.CDLL | None:
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_void_p, ctypes.c_void_p]
         lib.nld_step.restype = ctypes.c_int64
+        lib.nld_derive.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+        lib.nld_derive.restype = None
+        lib.nld_last.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        lib.nld_last.restype = None
         _lib = lib
         return lib
 

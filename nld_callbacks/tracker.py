@@ -125,6 +125,7 @@ _OUT_KEYS = ("q0", "q1", "pred", "tol", "step_sq", "nld", "nld_rate", "ema_x", "
              "brk", "r", "b", "e", "obs", "sym")
 _N_OUT = len(_OUT_KEYS)
 _STEP_ACC_ROWS = (ctypes.c_int64 * 13)(*_STEP_UPDATE, _BAD)
+_LAST_ACC_ROWS = (ctypes.c_int64 * 15)(*_LAST_UPDATE)
 _TRUE, _FALSE = torch.tensor(True), torch.tensor(False)  # a compiled step's validity (read-only)
 
 
@@ -1563,7 +1564,8 @@ class NoetherTracker:
 
         It applies to a predicted step on float64 CPU rows with the kernel loaded, after the first
         tracked step, one optimizer step per tracked step and every neuron on this rank. The kernel
-        takes the same operations in the same order as the torch ops below: the same bits.
+        takes the same operations in the same order as the torch ops below: the same bits (square
+        roots: the IEEE ones, see :mod:`~nld_callbacks.kernel`).
         """
         lay, acc, cg = self.layout, self._acc_rows, m.coef
         if (cg is None or unsigned is None or not self._started or self._span != 1 or info.owned is not None
@@ -1646,8 +1648,34 @@ class NoetherTracker:
     def _held_derived(self) -> dict[str, Tensor]:
         """:meth:`_derived` of the held state (kept to the end of a logging step at most)."""
         if self._held_cache is None:
-            self._held_cache = self._derived(self._dyn, self._theory())
+            self._held_cache = self._compiled_derived() or self._derived(self._dyn, self._theory())
         return self._held_cache
+
+    def _compiled_lib(self) -> Any:
+        """The compiled kernel where the held state suits it (float64 CPU rows, every neuron on this rank)."""
+        lay, info = self.layout, self._theory()
+        if (lay is None or not lay.compiled or info.owned is not None or info.partial is not None
+                or self._dyn_rows.dtype is not torch.float64 or not self._dyn_rows.is_cpu):
+            return None
+        return _kernel.load()
+
+    def _compiled_derived(self) -> dict[str, Tensor] | None:
+        """:meth:`_derived` of the held state by the compiled kernel (``nld_derive``); None where it does not apply.
+
+        The same bits but for the square roots (the kernel's are the IEEE ones, see :mod:`~nld_callbacks.kernel`).
+        """
+        lib = self._compiled_lib()
+        if lib is None:
+            return None
+        h, info = self._dyn, self._theory()
+        rows = [h[k] for k in ("q0", "q1", "step_sq", "adaptive", "eff_factor", "eq_coef", "ema_x", "ema_w", "rmsprop")]
+        out = torch.empty(4, info.layout.n_neurons, dtype=torch.float64)
+        lib.nld_derive(out.shape[1], (ctypes.c_int64 * 10)(*(r.data_ptr() for r in [*rows, info.scale])),
+                       int("radial" in h), out.data_ptr())
+        eff, angle, qstar, rms_acc = out.unbind()
+        torch.asin(angle, out=angle)  # (the kernel gave its argument; the arcsine is torch's, as in _derived)
+        angle.mul_(2.0)
+        return {"eff": eff, "angle": angle, "qstar": qstar, "rms_acc": rms_acc}
 
     def _write_last(self) -> None:
         """Write the last-value rows of the last valid tracked step into the accumulators.
@@ -1663,6 +1691,19 @@ class NoetherTracker:
         info = self._theory()
         h = self._dyn
         q1 = h["q1"]
+        lib = self._compiled_lib() if self.opt_model.supported else None
+        if lib is not None:  # the same sums in one call (nld_last)
+            d = self._held_derived()
+            none = 0  # (a row of NaN)
+            sums = [h["q1"], h["pred"], h["tol"], h["nld"], d["qstar"], h.get("metric_charge"), h.get("metric_pred")]
+            means = [d["eff"], d["angle"], h.get("radial"), d["rms_acc"]]
+            n = lay.n_neurons
+            scratch = torch.empty(9, n, dtype=torch.float64)  # (held here while the kernel writes it)
+            lib.nld_last(n, (ctypes.c_int64 * 7)(*(none if r is None else r.data_ptr() for r in sums)),
+                         (ctypes.c_int64 * 4)(*(none if r is None else r.data_ptr() for r in means)),
+                         h["on"].data_ptr(), scratch.data_ptr(), acc.data_ptr(), acc.shape[1], info.bounds.data_ptr(),
+                         _LAST_ACC_ROWS)
+            return
         if self.opt_model.supported:
             d = self._held_derived()
             eff, angle, qstar, rms_acc = d["eff"], d["angle"], d["qstar"], d["rms_acc"]

@@ -854,11 +854,12 @@ COMPILED_STEP = [
 
 @pytest.mark.parametrize("case", COMPILED_STEP, ids=[c["id"] for c in COMPILED_STEP])
 def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
-    """``nld_step`` (the kernel's per-neuron step) against the torch ops it stands for: same bits.
+    """The kernel's per-neuron step (``nld_step``) and last values (``nld_derive``, ``nld_last``)
+    against the torch ops they stand for: the same bits, but for square roots.
 
-    The same run twice, the second with the compiled step switched off; every logged value, the
+    The same run twice, the second with the compiled calls switched off; every logged value, the
     held per-neuron state, the accumulators and the last step's record agree bit for bit (NaN where
-    NaN). Scale, translation (linear charges) and rescale groups, every optimizer family, mixed
+    NaN), and to a few ulps what is made with a square root. Scale, translation (linear charges) and rescale groups, every optimizer family, mixed
     settings, a non-finite gradient and a tracker attached to a running optimizer.
     """
     from nld_callbacks import kernel
@@ -867,7 +868,7 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
         pytest.skip("no C compiler: the kernel cannot be built")
     x, y = synthetic_classification(n=64, dtype=torch.float64)
     calls = []
-    compiled_step = NoetherTracker._compiled_step
+    compiled_step, compiled_lib = NoetherTracker._compiled_step, NoetherTracker._compiled_lib
 
     def run(compiled):
         def spy(self, *args):
@@ -876,6 +877,7 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
             return done
 
         monkeypatch.setattr(NoetherTracker, "_compiled_step", spy)
+        monkeypatch.setattr(NoetherTracker, "_compiled_lib", compiled_lib if compiled else lambda self: None)
         torch.manual_seed(0)
         model = MLPBN().double()
         found: dict = dict(example_input=x)
@@ -906,22 +908,30 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
         rec = tracker.last
         assert rec is not None
         fields = [f.name for f in dataclasses.fields(rec) if isinstance(getattr(rec, f.name), torch.Tensor)]
-        return (tracker.logged, tracker._dyn_rows.clone(), tracker._acc_rows.clone(),
-                {f: getattr(rec, f) for f in fields}, set(tracker._dyn))
+        derived = tracker._held_derived()  # (the last values' rates and angles: nld_derive, or torch ops)
+        return {**{f"log {t} {k}": torch.tensor(v, dtype=torch.float64) for t, m in enumerate(tracker.logged)
+                   for k, v in m.items()},
+                **{f"held {k}": v.clone() for k, v in tracker._dyn.items()},
+                **{f"acc {r}": row.clone() for r, row in enumerate(tracker._acc_rows)},
+                **{f"last {f}": getattr(rec, f) for f in fields}, **{f"derived {k}": v for k, v in derived.items()}}
 
     fast = run(True)
     assert calls and all(calls[1:]) and not calls[0]  # (the first tracked step starts the accumulators)
     calls.clear()
     slow = run(False)
     assert calls and not any(calls)
-    assert fast[4] == slow[4]
-    assert len(fast[0]) == len(slow[0]) >= 7
-    for a, b in zip(fast[0], slow[0]):
-        assert a.keys() == b.keys()
-        torch.testing.assert_close(torch.tensor(list(a.values())), torch.tensor(list(b.values())), rtol=0, atol=0,
-                                   equal_nan=True)
-    for a, b in zip(fast[1:3], slow[1:3]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-    assert fast[3].keys() == slow[3].keys()
-    for f in fast[3]:
-        torch.testing.assert_close(fast[3][f], slow[3][f], rtol=0, atol=0, equal_nan=True, msg=f)
+    assert fast.keys() == slow.keys()
+    assert sum(k.startswith("log 6 ") for k in fast) > 20  # every step logged
+    for k in fast:
+        # what goes through a square root: torch's float64 sqrt on the CPU (SLEEF's, 0.5001 ulp) is
+        # one ulp off the IEEE square root on about 1% of the entries, the kernel's is the IEEE one
+        where, name = k.split(" ")[0], k.split(" ")[-1].split("/")[-1]
+        root = name in _ROOTED[where]
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-15 if root else 0, atol=0, equal_nan=True, msg=k)
+
+
+# the quantities made with a square root: tags, held rows, accumulator rows (_EFF, _ANGLE, _QSTAR,
+# _RADIAL), the record's fields and the derived rows
+_ROOTED = {"log": {"effective_lr", "angular_update", "radial_update", "equilibrium"}, "held": {"radial"},
+           "acc": {"4", "5", "14", "19"}, "last": {"effective_lr", "angular_update", "radial_update", "equilibrium"},
+           "derived": {"eff", "angle", "qstar"}}
