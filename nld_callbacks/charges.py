@@ -537,6 +537,19 @@ class ChargeLayout:
         """Whether the compiled kernel is loaded: the sums and maps of suitable calls run in it."""
         return self._lib is not None
 
+    def map_runs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plan of :meth:`to_groups` (host tensors).
+
+        The runs ``(first neuron, first reduction, length)`` (int64, one row each, in order) and
+        each run's sign (float64) in the signed and the unsigned map.
+        """
+        return self._runs, self._run_sign["signed"], self._run_sign["unsigned"]
+
+    @property
+    def kernel(self) -> Any:
+        """The compiled kernel this layout runs on (:func:`nld_callbacks.kernel.load`), or ``None``."""
+        return self._lib
+
     @property
     def n_plans(self) -> int:
         """How many evaluation plans (one per distinct set of products asked for) are built."""

@@ -561,6 +561,144 @@ int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64
     return 1;
 }
 
+/* One step's exact identities per reduction for the heavy-ball family of rules (theory.sgd_step,
+   heavy_ball_step, nesterov_step, sgdw_step and their linear forms, as NoetherTracker._terms and
+   _to_neurons assemble them), mapped onto the group neurons as nld_map maps them: the same
+   operations in the same order as the torch ops and the map, the same bits; the per-reduction rows
+   are never stored. in[k] (enum below; 0: absent, read as 0, the sign as 1) with stride[k] (0: one
+   number for every reduction). flags: has_quad, has_linear, the one family's code (SGD 0, heavy
+   ball 1, Nesterov 2, SGDW 3; −1: per reduction, the row FAM). runs, sign, usign: the layout's map
+   (nld_map) with its signed and unsigned signs. signed_out: Q_t, Q_{t+1} [, T_t, T_{t+1}], per part
+   (quadratic, then linear) the observed, symmetric and breaking changes and the force, then the
+   drive and the equilibrium drive; unsigned_out: per part the coefficient, the terms' scale and
+   |Δθ|², then the rounding floors u·Q_t [and u·Σ|θ_k|]; rows of n_out neurons. */
+enum { T_Q0, T_Q1, T_P0, T_X, T_G, T_Y, T_K, T_Z, T_T0, T_T1, T_S0, T_SG, T_L1, T_A1, T_UNIT, T_LR, T_WD, T_MOM, T_C,
+       T_SIGN, T_FAM, T_N_IN };
+/* the identities of m reductions of one block (x: the inputs, o: the outputs), specialised on the
+   kind of step: with single >= 0 every branch is known and the loop vectorises */
+INLINE void terms_block(int64_t m, double (*x)[SB], double (*o)[SB], const int single, const int has_quad,
+                        const int has_linear) {
+    const int parts = has_quad + has_linear;
+    for (int64_t i = 0; i < m; i++) {
+#define X(k) x[k][i]
+        const int code = single >= 0 ? single : (int)X(T_FAM);
+        const double eta = X(T_LR), lam = X(T_WD), beta = X(T_MOM), c = X(T_C), sign = X(T_SIGN);
+        if (has_quad) {
+            const double Q0 = X(T_Q0), Q1 = X(T_Q1), P0 = X(T_P0), G = X(T_G), K = X(T_K), Z = X(T_Z);
+            const double Xs = sign * X(T_X), Y = sign * X(T_Y);
+            double p0, p1, p2 = 0.0, R, coeff, step_sq;
+            const int three = code != 0;
+            if (code == 0) { /* SGD */
+                const double a = 1.0 - eta * lam;
+                R = (Xs + eta * G) / a;
+                p0 = (a * a - 1.0) * Q0, p1 = eta * eta * G;
+                coeff = 2.0 * eta * a;
+                step_sq = eta * eta * (G + 2.0 * lam * R + lam * lam * Q0);
+            } else if (code == 1) { /* heavy ball */
+                R = Xs + eta * Y;
+                p0 = -2.0 * eta * beta * P0, p1 = -2.0 * eta * c * lam * Q0, p2 = eta * eta * K;
+                coeff = 2.0 * eta * c;
+                step_sq = p2;
+            } else if (code == 2) { /* Nesterov */
+                const double a = 1.0 - eta * lam;
+                R = (Xs + eta * G + eta * beta * Y) / a;
+                const double uu = (G + beta * beta * K + lam * lam * Q1 + 2.0 * beta * Y + 2.0 * lam * Xs
+                                   + 2.0 * beta * lam * Z) / (a * a);
+                p0 = -2.0 * eta * beta * beta * P0, p1 = -2.0 * eta * (1.0 + beta * c) * lam * Q0;
+                p2 = eta * eta * uu;
+                coeff = 2.0 * eta * (1.0 + beta * c);
+                step_sq = p2;
+            } else { /* SGDW */
+                const double a = 1.0 - eta * lam;
+                R = (Xs + eta * Y) / a;
+                p0 = (a * a - 1.0) * Q0, p1 = -2.0 * eta * a * beta * P0, p2 = eta * eta * K;
+                coeff = 2.0 * eta * a;
+                const double shrink = 1.0 - a;
+                step_sq = shrink * shrink * Q0 + 2.0 * shrink * eta * (beta * P0 + R) + p2;
+            }
+            o[0][i] = Q1 - Q0;
+            o[1][i] = three ? p0 + p1 + p2 : p0 + p1;
+            o[2][i] = -coeff * R, o[3][i] = R, o[4][i] = coeff;
+            o[5][i] = three ? __builtin_fabs(p0) + __builtin_fabs(p1) + __builtin_fabs(p2)
+                            : __builtin_fabs(p0) + __builtin_fabs(p1);
+            o[6][i] = step_sq;
+        }
+        if (has_linear) {
+            const double T0 = X(T_T0), T1 = X(T_T1), S0 = X(T_S0), Sg = sign * X(T_SG);
+            double sym, coeff;
+            if (code == 0) sym = -eta * lam * T0, coeff = eta;
+            else if (code == 1) sym = -eta * (beta * S0 + c * lam * T0), coeff = eta * c;
+            else if (code == 2)
+                sym = -eta * (lam * T0 + beta * (beta * S0 + c * lam * T0)), coeff = eta * (1.0 + beta * c);
+            else sym = -eta * lam * T0 - eta * beta * S0, coeff = eta;
+            double(*const l)[SB] = o + 7 * has_quad;
+            l[0][i] = T1 - T0, l[1][i] = sym, l[2][i] = -coeff * Sg, l[3][i] = Sg, l[4][i] = coeff;
+            l[5][i] = eta * X(T_L1), l[6][i] = 0.0;
+        }
+        /* §2.2 drives: η²B(g, g) for SGD, 2η²B(v, v) for heavy ball; the equilibrium's B(g, g), B(v, v) */
+        const double G = X(T_G), K = X(T_K);
+        o[7 * parts][i] = code == 0 ? eta * eta * G : code == 1 ? 2.0 * eta * eta * K : 0.0;
+        o[7 * parts + 1][i] = code == 0 ? G : code == 1 ? K : 0.0;
+        o[7 * parts + 2][i] = X(T_UNIT) * X(T_Q0), o[7 * parts + 3][i] = X(T_UNIT) * X(T_A1);
+#undef X
+    }
+}
+#define TERMS_BLOCK(F, Q, L) \
+    static void terms_##F##Q##L(int64_t m, double (*x)[SB], double (*o)[SB]) { terms_block(m, x, o, F, Q, L); }
+#define TERMS_FAMILY(F) TERMS_BLOCK(F, 1, 0) TERMS_BLOCK(F, 0, 1) TERMS_BLOCK(F, 1, 1)
+TERMS_FAMILY(0) TERMS_FAMILY(1) TERMS_FAMILY(2) TERMS_FAMILY(3)
+static void terms_any(int64_t m, double (*x)[SB], double (*o)[SB], int has_quad, int has_linear) {
+    terms_block(m, x, o, -1, has_quad, has_linear);
+}
+typedef void (*terms_fn)(int64_t, double (*)[SB], double (*)[SB]);
+#define TERMS_ROW(F) {terms_##F##10, terms_##F##01, terms_##F##11}
+static const terms_fn TERMS[4][3] = {TERMS_ROW(0), TERMS_ROW(1), TERMS_ROW(2), TERMS_ROW(3)};
+
+void nld_terms(int64_t n_out, const int64_t *flags, const int64_t *in, const int64_t *stride, int64_t n_runs,
+               const int64_t *runs, const double *sign, const double *usign, double *signed_out,
+               double *unsigned_out) {
+    const int has_quad = flags[0], has_linear = flags[1], single = flags[2];
+    const int parts = has_quad + has_linear;
+    const int n_signed = 2 + 2 * has_linear + 4 * parts + 2, n_unsigned = 3 * parts + 1 + has_linear;
+    memset(signed_out, 0, n_signed * n_out * sizeof(double));
+    memset(unsigned_out, 0, n_unsigned * n_out * sizeof(double));
+    for (int64_t q = 0; q < n_runs; q++) {
+        const int64_t d = runs[3 * q], a = runs[3 * q + 1], len = runs[3 * q + 2];
+        const double s = sign[q], us = usign[q];
+        for (int64_t i0 = 0; i0 < len; i0 += SB) {
+            const int64_t m = len - i0 < SB ? len - i0 : SB;
+            double x[T_N_IN][SB], o[7 * 2 + 4][SB];
+            for (int k = 0; k < T_N_IN; k++) {
+                const double *src = (const double *)in[k];
+                if (src && stride[k]) memcpy(x[k], src + a + i0, m * sizeof(double));
+                else for (int64_t j = 0; j < m; j++) x[k][j] = src ? src[0] : k == T_SIGN ? 1.0 : 0.0;
+            }
+            if (single >= 0) TERMS[single][has_quad + 2 * has_linear - 1](m, x, o);
+            else terms_any(m, x, o, has_quad, has_linear);
+            /* onto the group neurons, as nld_map adds them: out[d + i] += s · value */
+            const double *sv[2 + 2 + 4 * 2 + 2], *uv[3 * 2 + 2];
+            int ns = 0, nu = 0;
+            sv[ns++] = x[T_Q0], sv[ns++] = x[T_Q1];
+            if (has_linear) sv[ns++] = x[T_T0], sv[ns++] = x[T_T1];
+            for (int k = 0; k < parts; k++) {
+                for (int j = 0; j < 4; j++) sv[ns++] = o[7 * k + j];
+                for (int j = 4; j < 7; j++) uv[nu++] = o[7 * k + j];
+            }
+            sv[ns++] = o[7 * parts], sv[ns++] = o[7 * parts + 1];
+            uv[nu++] = o[7 * parts + 2];
+            if (has_linear) uv[nu++] = o[7 * parts + 3];
+            for (int r = 0; r < ns; r++) {
+                double *restrict os = signed_out + r * n_out + d + i0;
+                for (int64_t i = 0; i < m; i++) os[i] += s * sv[r][i];
+            }
+            for (int r = 0; r < nu; r++) {
+                double *restrict os = unsigned_out + r * n_out + d + i0;
+                for (int64_t i = 0; i < m; i++) os[i] += us * uv[r][i];
+            }
+        }
+    }
+}
+
 /* The held state's derived rows (NoetherTracker._derived, torch's order of operations): per neuron
    out[0] the effective learning rate, out[1] the argument x of the angular update 2·asin(x) (NaN where
    it has none: the caller takes the arcsine, as torch does it), out[2] the equilibrium charge,
@@ -634,8 +772,9 @@ void nld_run_parts(int64_t n_parts, const int64_t *n_jobs, const int64_t *const 
 }
 """
 
-# nld_step's input rows (N_IN)
+# nld_step's input rows (N_IN), nld_terms' (T_N_IN)
 STEP_INPUTS = 43
+TERMS_INPUTS = 21
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -740,6 +879,9 @@ def load() -> ctypes.CDLL | None:
                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_void_p, ctypes.c_void_p]
         lib.nld_step.restype = ctypes.c_int64
+        lib.nld_terms.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.nld_terms.restype = None
         lib.nld_derive.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         lib.nld_derive.restype = None
         lib.nld_last.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,

@@ -126,6 +126,11 @@ _OUT_KEYS = ("q0", "q1", "pred", "tol", "step_sq", "nld", "nld_rate", "ema_x", "
 _N_OUT = len(_OUT_KEYS)
 _STEP_ACC_ROWS = (ctypes.c_int64 * 13)(*_STEP_UPDATE, _BAD)
 _LAST_ACC_ROWS = (ctypes.c_int64 * 15)(*_LAST_UPDATE)
+_FAMILY_CODE = {"sgd": 0.0, "heavy_ball": 1.0, "nesterov": 2.0, "sgdw": 3.0, "adam": 4.0}
+# nld_terms' input rows (kernel.TERMS_INPUTS) and its families' codes
+_TERMS_INPUTS = ("Q0", "Q1", "P0", "X", "G", "Y", "K", "Z", "T0", "T1", "S0", "SG", "L1", "A1", "UNIT", "LR", "WD",
+                 "MOM", "C", "SIGN", "FAM")
+_TERMS_FAMILIES = {f: int(code) for f, code in _FAMILY_CODE.items() if f != "adam"}
 _TRUE, _FALSE = torch.tensor(True), torch.tensor(False)  # a compiled step's validity (read-only)
 
 
@@ -164,7 +169,6 @@ class StepRecord:
 _COEF_ROWS = ("lr", "wd", "momentum", "c", "sign", "decay", "family", "metric", "eff_factor", "adaptive",
               "eq_coef", "eq_numel", "eq_angle", "relax", "rms_decay")
 _STEP_ROWS = _COEF_ROWS[:8]
-_FAMILY_CODE = {"sgd": 0.0, "heavy_ball": 1.0, "nesterov": 2.0, "sgdw": 3.0, "adam": 4.0}
 
 
 def _coefficient_table(combos: Sequence[tuple[Hyper, bool, bool]]) -> Tensor:
@@ -737,6 +741,8 @@ class NoetherTracker:
         self.logged: list[dict[str, float]] = []
         self._last_step: _LastStep | None = None
         self._step_plan: _StepPlan | None = None
+        self._hyper_cache: tuple[tuple[Hyper, ...], tuple[tuple[int, ...], ...], dict[str, Hyper], set[str]] | None
+        self._hyper_cache = None
         self._last_record: StepRecord | None = None
         self.report: SymmetryReport | None = None
         self._signature: tuple[int, int] | None = None
@@ -819,6 +825,7 @@ class NoetherTracker:
         self.report = report
         self._signature = self.parameter_signature()
         self._params = {n: named[n] for n in {m.param for g in groups for m in g.members}}
+        self._hyper_cache = None  # (its answer is per tracked tensor)
         if not groups:
             self.layout = None
             if not quiet:
@@ -831,6 +838,7 @@ class NoetherTracker:
         self.layout = ChargeLayout(groups, {n: _local(p).shape for n, p in self._params.items()}, device,
                                    float64_accumulation=self.float64_accumulation)
         self._params = {n: named[n] for n in self.layout.params}
+        self._hyper_cache = None  # (its answer is per tracked tensor)
         u = torch.tensor([theory.unit_roundoff(p.dtype) for p in self._params.values()], dtype=torch.float64)
         # the unit roundoff of each reduction's tensor: one number (0-dim) where every tensor has one dtype
         self._unit_r = u[0].to(device) if bool((u == u[0]).all()) else (
@@ -895,9 +903,22 @@ class NoetherTracker:
 
     # ------------------------------------------------------------------ per-step coefficients
     def _hypers(self) -> dict[str, Hyper]:
-        pg_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
-        hyp = [self.opt_model.hyper(g) for g in self.optimizer.param_groups]
-        return {n: hyp[pg_of[id(p)]] for n, p in self._params.items()}
+        """Each tracked tensor's hyperparameters now (the same dict, and objects, while they do not change)."""
+        groups = self.optimizer.param_groups
+        hyp = tuple(self.opt_model.hyper(g) for g in groups)
+        members = tuple(tuple(map(id, g["params"])) for g in groups)
+        cached = self._hyper_cache
+        if cached is not None and cached[0] == hyp and cached[1] == members:
+            return cached[2]
+        pg_of = {p: i for i, ids in enumerate(members) for p in ids}
+        out = {n: hyp[pg_of[id(p)]] for n, p in self._params.items()}
+        self._hyper_cache = (hyp, members, out, {h.family for h in out.values()})
+        return out
+
+    def _families(self) -> set[str]:
+        """The optimizer families of the tracked tensors (of :meth:`_hypers`' last answer)."""
+        assert self._hyper_cache is not None
+        return self._hyper_cache[3]
 
     def _coefficients(self, hyp: Mapping[str, Hyper], first: Mapping[str, bool],
                       active: Mapping[str, bool]) -> dict[str, Any]:
@@ -1162,13 +1183,14 @@ class NoetherTracker:
         Q0, P0, first = self._pre
         self._pre = None
         Q1 = self._product("θθ", theta, theta)
-        if self.opt_model.supported:
-            terms = self._terms(optimizer, Q0, Q1, P0, first, theta, grads, bufs)
+        compiled = self._compiled_terms(Q0, Q1, P0, first, theta, grads, bufs) if self.opt_model.supported else None
+        if compiled is not None:
+            mapped, T1 = compiled
         else:
-            terms = None
-        T1 = terms.T1 if terms is not None else None
-        mapped = self._to_neurons(Q0, Q1, terms)
-        del terms  # on the neurons now: the per-reduction rows go before the per-neuron work
+            terms = self._terms(optimizer, Q0, Q1, P0, first, theta, grads, bufs) if self.opt_model.supported else None
+            T1 = terms.T1 if terms is not None else None
+            mapped = self._to_neurons(Q0, Q1, terms)
+            del terms  # on the neurons now: the per-reduction rows go before the per-neuron work
         if carry:
             self._carry = self._carried(theta, bufs, Q1, T1)
         del Q1, T1  # what the step's products give is on the neurons or carried: they go too
@@ -1204,7 +1226,7 @@ class NoetherTracker:
         hyp = self._hypers()
         active = {n: g is not None for n, g in grads.items()}
         coef = self._coefficients(hyp, first, active)
-        families = {hyp[n].family for n in self._params}
+        families = self._families()
         lr, fam = coef["lr"], coef.get("family")
 
         def signed(t: Tensor) -> Tensor:  # g → −g on tensors of a `maximize` group
@@ -1286,16 +1308,9 @@ class NoetherTracker:
         lin = None
         T1 = A1 = None
         if info.has_linear:
-            lt = {n: theta[n] for n in info.linear_params}
-            T1 = self._product("T", lt)
-            A1 = lay.reduce(_abs(lt))
-            T0, S0 = self._pre_linear if self._pre_linear is not None else (T1, None)
+            T1, A1, T0, S0, Sg, L1 = self._linear_inputs(hyp, theta, grads, bufs, adaptive)
             S = S0 if S0 is not None else zeros
-            Sg = signed(self._product("Sg", {n: grads[n] for n in info.linear_params}))
-            steps = {n: _update_direction(hyp[n], theta[n], grads[n], bufs.get(n),
-                                          None if adaptive is None else adaptive.update.get(n))
-                     for n in info.linear_params}
-            L1 = lay.reduce(_abs(steps))
+            Sg = signed(Sg)
             kw = dict(T0=T0, T1=T1, L1=L1, lr=lr)
             lin_out: dict[str, theory.StepTerms] = {}
             if "sgd" in families:
@@ -1314,6 +1329,78 @@ class NoetherTracker:
             lin = _merge(lin_out, fam)
         return _Step(quad=_merge(quad, fam) if quad else None, linear=lin, T1=T1, abs1=A1, coef=coef, drive=drive,
                      eq_drive=eq_drive, UU=UU, metric=metric, fresh=all(first.values()) if first else True)
+
+    def _linear_inputs(self, hyp: Mapping[str, Hyper], theta: Mapping[str, Tensor], grads: Mapping[str, Tensor | None],
+                       bufs: Mapping[str, Tensor | None], adaptive: Any) -> tuple[Tensor, Tensor, Tensor, Tensor | None,
+                                                                                   Tensor, Tensor]:
+        """The linear charges' sums of a step: T_{t+1}, Σ|θ|, T_t, S_t (None before a buffer), ⟨c, g⟩ and Σ|u|."""
+        lay, info = self.layout, self._theory()
+        assert lay is not None
+        lt = {n: theta[n] for n in info.linear_params}
+        T1 = self._product("T", lt)
+        A1 = lay.reduce(_abs(lt))
+        T0, S0 = self._pre_linear if self._pre_linear is not None else (T1, None)
+        Sg = self._product("Sg", {n: grads[n] for n in info.linear_params})
+        steps = {n: _update_direction(hyp[n], theta[n], grads[n], bufs.get(n),
+                                      None if adaptive is None else adaptive.update.get(n))
+                 for n in info.linear_params}
+        return T1, A1, T0, S0, Sg, lay.reduce(_abs(steps))
+
+    def _compiled_terms(self, Q0: Tensor, Q1: Tensor, P0: Tensor | None, first: Mapping[str, bool],
+                        theta: Mapping[str, Tensor], grads: Mapping[str, Tensor | None],
+                        state_bufs: Mapping[str, Tensor | None]) -> tuple[_Mapped, Tensor | None] | None:
+        """:meth:`_terms` and :meth:`_to_neurons` in one call of the compiled kernel (``nld_terms``).
+
+        For the heavy-ball family of rules (SGD, heavy ball, Nesterov, SGDW) on float64 CPU rows
+        with the kernel loaded; ``None`` elsewhere. The same bits as the torch ops and maps; the
+        per-reduction rows are never stored. Returns the mapped rows and T_{t+1} (the linear
+        charges' sums, or None).
+        """
+        lay, info = self.layout, self._theory()
+        if lay is None or not lay.compiled or self._sharded or Q0.dtype is not torch.float64 or not Q0.is_cpu:
+            return None
+        hyp = self._hypers()
+        families = self._families()
+        if not families <= _TERMS_FAMILIES.keys():
+            return None
+        coef = self._coefficients(hyp, first, {n: g is not None for n, g in grads.items()})
+        bufs = state_bufs if families & {"heavy_ball", "nesterov", "sgdw"} else {}
+        rows: dict[str, Tensor | None] = dict(Q0=Q0, Q1=Q1, UNIT=self._unit_r, LR=coef["lr"], WD=coef["wd"],
+                                              MOM=coef["momentum"], C=coef["c"], SIGN=coef.get("sign"),
+                                              FAM=coef.get("family"))
+        if info.has_quadratic:
+            rows.update(P0=P0, X=self._product("θg", theta, grads))
+            if families & {"sgd", "nesterov"}:
+                rows["G"] = self._product("gg", grads, grads)
+            if bufs:
+                rows.update(Y=self._product("vg", bufs, grads), K=self._product("vv", bufs, bufs))
+            if "nesterov" in families:
+                rows["Z"] = self._product("θv", theta, bufs)
+        T1 = None
+        if info.has_linear:
+            T1, A1, T0, S0, Sg, L1 = self._linear_inputs(hyp, theta, grads, bufs, None)
+            rows.update(T0=T0, T1=T1, S0=S0, SG=Sg, L1=L1, A1=A1)
+        self._pre_linear = None
+        quad, lin = int(info.has_quadratic), int(info.has_linear)
+        parts = quad + lin
+        n = lay.n_reductions
+        inputs = [rows.get(k) for k in _TERMS_INPUTS]
+        assert len(inputs) == _kernel.TERMS_INPUTS
+        for t in inputs:
+            assert t is None or (t.dtype is torch.float64 and t.is_cpu and t.numel() in (1, n) and t.is_contiguous())
+        # (several families: each reduction's from its row, as _merge takes it)
+        flags = (quad, lin, _TERMS_FAMILIES[next(iter(families))] if len(families) == 1 else -1)
+        signed = torch.empty(2 + 2 * lin + 4 * parts + 2, lay.n_neurons, dtype=torch.float64)
+        unsigned = torch.empty(3 * parts + 1 + lin, lay.n_neurons, dtype=torch.float64)
+        runs, sign, usign = lay.map_runs()
+        lay.kernel.nld_terms(lay.n_neurons, (ctypes.c_int64 * 3)(*flags),
+                             (ctypes.c_int64 * len(inputs))(*(0 if t is None else t.data_ptr() for t in inputs)),
+                             (ctypes.c_int64 * len(inputs))(*(0 if t is None or t.numel() == 1 else 1 for t in inputs)),
+                             len(runs), runs.data_ptr(), sign.data_ptr(), usign.data_ptr(), signed.data_ptr(),
+                             unsigned.data_ptr())
+        mapped = _Mapped(signed, unsigned, parts=parts, quad=bool(quad), UU=False, metric=False, abs1=bool(lin),
+                         coef=coef["groups"], fresh=all(first.values()) if first else True)
+        return mapped, T1
 
     def _adam_direction(self, optimizer: torch.optim.Optimizer, hyp: Mapping[str, Hyper],
                         grads: Mapping[str, Tensor | None]) -> AdamDirection | None:
@@ -1624,9 +1711,8 @@ class NoetherTracker:
                 commit.append((dst.data_ptr(), *row(const[k])))
             elif k in _OUT_KEYS[:12] and (k not in _ADAPTIVE_KEYS or k in keys):
                 commit.append((dst.data_ptr(), ("o", _OUT_KEYS.index(k)), 1))
-        lib = _kernel.load()
-        assert lib is not None
-        return _StepPlan(cg, self._dyn_rows, flags, lib, S, commit, dict(held))
+        assert self.layout is not None
+        return _StepPlan(cg, self._dyn_rows, flags, self.layout.kernel, S, commit, dict(held))
 
     @staticmethod
     def _derived(v: Mapping[str, Tensor], info: _TheoryLayout) -> dict[str, Tensor]:
@@ -1657,7 +1743,7 @@ class NoetherTracker:
         if (lay is None or not lay.compiled or info.owned is not None or info.partial is not None
                 or self._dyn_rows.dtype is not torch.float64 or not self._dyn_rows.is_cpu):
             return None
-        return _kernel.load()
+        return lay.kernel
 
     def _compiled_derived(self) -> dict[str, Tensor] | None:
         """:meth:`_derived` of the held state by the compiled kernel (``nld_derive``); None where it does not apply.

@@ -837,6 +837,10 @@ COMPILED_STEP = [
     dict(id="mixed_settings", make=lambda ps: torch.optim.SGD(
         [{"params": ps[:3]}, {"params": ps[3:], "lr": 0.02, "weight_decay": 0.0}], lr=0.05, momentum=0.9,
         weight_decay=1e-2)),
+    dict(id="mixed_families", make=lambda ps: torch.optim.SGD(
+        [{"params": ps[:3], "momentum": 0.0}, {"params": ps[3:], "nesterov": True}], lr=0.05, momentum=0.9,
+        weight_decay=1e-2)),
+    dict(id="maximize", make=lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, weight_decay=5e-3, maximize=True)),
     dict(id="adamw", make=lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)),
     dict(id="adam_b1_0", make=lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.0, 0.99), weight_decay=1e-2)),
     dict(id="rmsprop", make=lambda ps: torch.optim.RMSprop(ps, lr=1e-2, weight_decay=1e-2)),
@@ -854,13 +858,15 @@ COMPILED_STEP = [
 
 @pytest.mark.parametrize("case", COMPILED_STEP, ids=[c["id"] for c in COMPILED_STEP])
 def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
-    """The kernel's per-neuron step (``nld_step``) and last values (``nld_derive``, ``nld_last``)
-    against the torch ops they stand for: the same bits, but for square roots.
+    """The kernel's identities (``nld_terms``), per-neuron step (``nld_step``) and last values
+    (``nld_derive``, ``nld_last``) against the torch ops they stand for: the same bits, but for
+    square roots.
 
     The same run twice, the second with the compiled calls switched off; every logged value, the
     held per-neuron state, the accumulators and the last step's record agree bit for bit (NaN where
-    NaN), and to a few ulps what is made with a square root. Scale, translation (linear charges) and rescale groups, every optimizer family, mixed
-    settings, a non-finite gradient and a tracker attached to a running optimizer.
+    NaN), and to a few ulps what is made with a square root. Scale, translation (linear charges)
+    and rescale groups, every optimizer family, mixed settings, a non-finite gradient and a tracker
+    attached to a running optimizer.
     """
     from nld_callbacks import kernel
 
@@ -869,6 +875,7 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
     x, y = synthetic_classification(n=64, dtype=torch.float64)
     calls = []
     compiled_step, compiled_lib = NoetherTracker._compiled_step, NoetherTracker._compiled_lib
+    compiled_terms = NoetherTracker._compiled_terms
 
     def run(compiled):
         def spy(self, *args):
@@ -878,6 +885,7 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
 
         monkeypatch.setattr(NoetherTracker, "_compiled_step", spy)
         monkeypatch.setattr(NoetherTracker, "_compiled_lib", compiled_lib if compiled else lambda self: None)
+        monkeypatch.setattr(NoetherTracker, "_compiled_terms", compiled_terms if compiled else lambda self, *a: None)
         torch.manual_seed(0)
         model = MLPBN().double()
         found: dict = dict(example_input=x)
