@@ -447,7 +447,7 @@ void nld_runs(int64_t op, int64_t n_rows, const int64_t *rows, int64_t n_runs, c
    in[k]: the address of input row k (enum below; 0: absent), stride[k]: 0 where one number serves
    every neuron, else 1; the four boolean rows are bytes. flags: has_linear, parts (1 or 2: per part
    7 rows, the quadratic charges' then the linear ones'), has_quad, has_UU, has_metric, has_abs1,
-   fresh. out: N_OUT rows of n (enum below). On a valid step each commit triple (dst, src, stride)
+   fresh. out: the addresses of N_OUT rows of n (enum below). On a valid step each commit triple (dst, src, stride)
    copies a row into the held state, and the accumulators (n_groups per row) take the step: rows
    acc_rows[0..2] the maxima of |e|, |b|, |e| (fmax), acc_rows[3..5] the sums of the observed,
    symmetric and breaking changes (run_sum), acc_rows[6..11] the constants' means and counts (from
@@ -461,7 +461,7 @@ enum { I_Q0, I_Q1, I_T0, I_T1, I_PART0, I_PART1 = I_PART0 + 7, I_DRIVE = I_PART1
 enum { P_OBS, P_SYM, P_BRK, P_FORCE, P_COEFF, P_TERMS, P_STEP_SQ };
 enum { O_Q0, O_Q1, O_PRED, O_TOL, O_STEP_SQ, O_NLD, O_NLD_RATE, O_EMA_X, O_EMA_W, O_RADIAL, O_METRIC_CHARGE,
        O_METRIC_PRED, O_BRK, O_R, O_B, O_E, O_OBS, O_SYM, N_OUT };
-int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64_t *stride, double *out,
+int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64_t *stride, const int64_t *out,
                  int64_t n_commit, const int64_t *commit, double *acc, int64_t n_groups, const int64_t *bounds,
                  const int64_t *acc_rows, const double *cmeans) {
     const int has_linear = flags[0], parts = flags[1], has_quad = flags[2], has_uu = flags[3],
@@ -528,7 +528,7 @@ int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64
 #undef X
 #undef B
         }
-        for (int k = 0; k < N_OUT; k++) memcpy(out + k * n + i0, o[k], m * sizeof(double));
+        for (int k = 0; k < N_OUT; k++) memcpy((double *)out[k] + i0, o[k], m * sizeof(double));
     }
     if (!ok) {
         for (int64_t g = 0; g < n_groups; g++) acc[acc_rows[12] * n_groups + g] += 1.0;
@@ -540,7 +540,7 @@ int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64
         const int64_t st = commit[3 * c + 2];
         for (int64_t i = 0; i < n; i++) dst[i] = src[i * st];
     }
-    const double *e = out + O_E * n, *b = out + O_B * n;
+    const double *e = (const double *)out[O_E], *b = (const double *)out[O_B];
     for (int64_t g = 0; g < n_groups; g++) {
         const int64_t i0 = bounds[g], i1 = bounds[g + 1];
         double me = -__builtin_inf(), mb = -__builtin_inf();
@@ -555,7 +555,8 @@ int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64
             *a = __builtin_fmax(*a, ext[k]);
         }
         const int sums[3] = {O_OBS, O_SYM, O_BRK};
-        for (int k = 0; k < 3; k++) acc[acc_rows[3 + k] * n_groups + g] += run_sum(out + sums[k] * n, i0, i1);
+        for (int k = 0; k < 3; k++)
+            acc[acc_rows[3 + k] * n_groups + g] += run_sum((const double *)out[sums[k]], i0, i1);
         for (int k = 0; k < 6; k++) acc[acc_rows[6 + k] * n_groups + g] = cmeans[k * n_groups + g];
     }
     return 1;

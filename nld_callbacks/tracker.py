@@ -9,8 +9,8 @@ The tracker hangs on an optimizer's step hooks (physics.md §3.3):
 2. the optimizer runs (closure, clipping, unscaling happen inside);
 3. the **post-hook** reads g_t (the gradient actually consumed), v_{t+1} and θ_{t+1}, evaluates the
    exact identity, the residual decomposition, the effective learning rate and the angular update
-   for every group in a fixed number of batched float64 ops, and folds them into device-side
-   accumulators;
+   for every group in a fixed number of batched float64 ops (on the CPU, a few calls of the
+   compiled kernel, :mod:`~nld_callbacks.kernel`), and folds them into device-side accumulators;
 4. only on a logging step are the accumulators moved to the host, once, and written.
 
 Nothing here changes the parameters, the gradients or the optimizer state.
@@ -124,6 +124,8 @@ _ADAPTIVE_KEYS = ("radial", "metric_charge", "metric_pred")
 _OUT_KEYS = ("q0", "q1", "pred", "tol", "step_sq", "nld", "nld_rate", "ema_x", "ema_w", *_ADAPTIVE_KEYS,
              "brk", "r", "b", "e", "obs", "sym")
 _N_OUT = len(_OUT_KEYS)
+_RECORD_KEYS = ("q0", "q1", "brk", "r", "b", "e")  # (what a step's record keeps of them)
+_REST_KEYS = tuple(k for k in _OUT_KEYS if k not in _RECORD_KEYS)
 _STEP_ACC_ROWS = (ctypes.c_int64 * 13)(*_STEP_UPDATE, _BAD)
 _LAST_ACC_ROWS = (ctypes.c_int64 * 15)(*_LAST_UPDATE)
 _FAMILY_CODE = {"sgd": 0.0, "heavy_ball": 1.0, "nesterov": 2.0, "sgdw": 3.0, "adam": 4.0}
@@ -270,10 +272,10 @@ class _LastStep:
 class _OutRows(Mapping[str, Tensor]):
     """The compiled step's record of a step (q0, q1 and the residuals): rows of its output, made when read."""
 
-    _ROWS = {k: _OUT_KEYS.index(k) for k in ("q0", "q1", "brk", "r", "b", "e")}
+    _ROWS = {k: i for i, k in enumerate(_RECORD_KEYS)}
 
     def __init__(self, out: Tensor) -> None:
-        self._out = out
+        self._out = out  # (len(_RECORD_KEYS), n)
 
     def __getitem__(self, key: str) -> Tensor:
         return self._out[self._ROWS[key]]
@@ -304,18 +306,27 @@ class _StepPlan:
         self.commit = (ctypes.c_int64 * (3 * len(commit)))(
             *(v for d, src, st in commit for v in (d, 0 if isinstance(src, tuple) else src, st)))
         self.out_slots = [(3 * c + 1, src[1]) for c, (_, src, _) in enumerate(commit) if isinstance(src, tuple)]
+        self.out = (ctypes.c_int64 * len(_OUT_KEYS))()
 
-    def place(self, signed: Tensor, unsigned: Tensor, out: Tensor) -> None:
-        """Write this step's row addresses into the tables."""
+    def place(self, signed: Tensor, unsigned: Tensor, record: Tensor, rest: Tensor) -> Any:
+        """Write this step's row addresses into the tables; the output rows' addresses (``_OUT_KEYS``).
+
+        ``record``: the rows of ``_RECORD_KEYS``, ``rest``: room for the others.
+        """
         base = {"s": (signed.data_ptr(), 8 * signed.stride(0)), "u": (unsigned.data_ptr(), 8 * unsigned.stride(0))}
         inputs = self.inputs
         for k, which, r in self.placed:
             b, step = base[which]
             inputs[k] = b + r * step
-        o, step = out.data_ptr(), 8 * out.stride(0)
+        rec, r_step, other, o_step = record.data_ptr(), 8 * record.stride(0), rest.data_ptr(), 8 * rest.stride(0)
+        out = self.out
+        for j, key in enumerate(_OUT_KEYS):
+            out[j] = (rec + _RECORD_KEYS.index(key) * r_step if key in _RECORD_KEYS
+                      else other + _REST_KEYS.index(key) * o_step)
         commit = self.commit
         for c, r in self.out_slots:
-            commit[c] = o + r * step
+            commit[c] = out[r]
+        return out
 
 
 @dataclass
@@ -1664,14 +1675,17 @@ class NoetherTracker:
         if plan is None or plan.cg is not cg or plan.rows is not self._dyn_rows or plan.flags != flags:
             plan = self._step_plan = self._plan_step(cg, info, flags)
         n = lay.n_neurons
-        out = torch.empty(_N_OUT, n, dtype=torch.float64)
-        plan.place(signed, unsigned, out)
-        ok = plan.lib.nld_step(n, plan.c_flags, plan.inputs, plan.strides, out.data_ptr(), plan.n_commit, plan.commit,
+        # the step record's rows apart: they are kept to the next step, the others go after this call
+        record = torch.empty(len(_RECORD_KEYS), n, dtype=torch.float64)
+        rest = torch.empty(_N_OUT - len(_RECORD_KEYS), n, dtype=torch.float64)
+        rows = plan.place(signed, unsigned, record, rest)
+        ok = plan.lib.nld_step(n, plan.c_flags, plan.inputs, plan.strides, rows, plan.n_commit, plan.commit,
                                acc.data_ptr(), acc.shape[1], info.bounds.data_ptr(), _STEP_ACC_ROWS,
                                cg["means_rows"].data_ptr())
+        del rest
         self._held_pending = True
         self._held_cache = None
-        self._last_step = _LastStep(self.step + 1, True, _TRUE if ok else _FALSE, _OutRows(out), plan.held, info)
+        self._last_step = _LastStep(self.step + 1, True, _TRUE if ok else _FALSE, _OutRows(record), plan.held, info)
         self._last_record = None
         return True
 
