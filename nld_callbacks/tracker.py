@@ -1391,14 +1391,15 @@ class NoetherTracker:
         if info.has_linear:
             T1, A1, T0, S0, Sg, L1 = self._linear_inputs(hyp, theta, grads, bufs, None)
             rows.update(T0=T0, T1=T1, S0=S0, SG=Sg, L1=L1, A1=A1)
-        self._pre_linear = None
         quad, lin = int(info.has_quadratic), int(info.has_linear)
         parts = quad + lin
         n = lay.n_reductions
         inputs = [rows.get(k) for k in _TERMS_INPUTS]
         assert len(inputs) == _kernel.TERMS_INPUTS
-        for t in inputs:
-            assert t is None or (t.dtype is torch.float64 and t.is_cpu and t.numel() in (1, n) and t.is_contiguous())
+        if not all(t is None or (t.dtype is torch.float64 and t.is_cpu and t.numel() in (1, n) and t.is_contiguous())
+                   for t in inputs):
+            return None  # (rows the kernel cannot read where they are: the torch ops take the step)
+        self._pre_linear = None
         # (several families: each reduction's from its row, as _merge takes it)
         flags = (quad, lin, _TERMS_FAMILIES[next(iter(families))] if len(families) == 1 else -1)
         signed = torch.empty(2 + 2 * lin + 4 * parts + 2, lay.n_neurons, dtype=torch.float64)
