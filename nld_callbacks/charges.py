@@ -673,28 +673,36 @@ class ChargeLayout:
             adam = M if isinstance(M, AdamDirection) else None
             row: list[Any] = []
             for i, (p, shape) in enumerate(zip(self.params, self._shape_of)):
-                ts: tuple[torch.Tensor | None, ...]
-                if adam is None:
-                    ts = (M.get(p),)
-                else:  # (its m and v: u is formed in the kernel, never made here)
-                    ts = (adam.m.get(p), adam.v.get(p)) if p in adam.scalars else (None,)
+                if adam is None:  # (the common case, checked inline: this loop runs every tracked step)
+                    t = M.get(p)
+                    if t is None:
+                        row.append(None)
+                        codes.append(None)
+                        continue
+                    code = _KERNEL_DTYPES.get(t.dtype)
+                    # anything else (a GPU tensor, a strided view, a wrong shape) goes to torch ops
+                    if code is None or not t.is_cpu or t.shape != shape or not t.is_contiguous():
+                        return False
+                    row.append(t)
+                    codes.append(code)
+                    continue
+                # (an Adam direction's m and v: u is formed in the kernel, never made here)
+                ts: tuple[torch.Tensor | None, ...] = (adam.m.get(p), adam.v.get(p)) if p in adam.scalars else (None,)
                 first = ts[0]
                 if first is None:
                     row.append(None)
                     codes.append(None)
                     continue
-                # anything else (a GPU tensor, a strided view, a wrong shape) goes to torch ops
                 code = _KERNEL_DTYPES.get(first.dtype)
                 if code is None or any(t is None or t.dtype != first.dtype or not t.is_cpu or t.shape != shape
                                        or not t.is_contiguous() for t in ts):
                     return False
-                if adam is not None:
-                    second = ts[-1]
-                    bc1, bc2s, eps = adam.scalars[p]
-                    if second is None or any(c.dtype != torch.float64 or not c.is_cpu for c in (bc1, bc2s)):
-                        return False
-                    derived[r, i] = _AdamU(first.data_ptr(), second.data_ptr(), bc1.data_ptr(), bc2s.data_ptr(), eps)
-                    code += 2
+                second = ts[-1]
+                bc1, bc2s, eps = adam.scalars[p]
+                if second is None or any(c.dtype != torch.float64 or not c.is_cpu for c in (bc1, bc2s)):
+                    return False
+                derived[r, i] = _AdamU(first.data_ptr(), second.data_ptr(), bc1.data_ptr(), bc2s.data_ptr(), eps)
+                code += 2
                 row.append(first)
                 codes.append(code)
             tensors.append(row)
@@ -706,8 +714,12 @@ class ChargeLayout:
         if kp is None:
             return False
         assert self._lib is not None
-        ptrs = (ctypes.c_int64 * len(kp.slots))(*[ctypes.addressof(derived[r, i]) if (r, i) in derived
-                                                  else tensors[r][i].data_ptr() for r, i in kp.slots])
+        if derived:
+            addresses = [ctypes.addressof(derived[r, i]) if (r, i) in derived else tensors[r][i].data_ptr()
+                         for r, i in kp.slots]
+        else:
+            addresses = [tensors[r][i].data_ptr() for r, i in kp.slots]
+        ptrs = (ctypes.c_int64 * len(kp.slots))(*addresses)
         if kp.zero:
             out.zero_()
         parts = kp.parts(torch.get_num_threads())  # as many threads as torch's own CPU ops use
