@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nld_callbacks import NoetherTracker, find_symmetries
+from nld_callbacks import tracker as tracker_module
 from nld_callbacks.optim import SGDW
 from nld_callbacks.symmetries import Member, SymmetryGroup
 from nld_callbacks.testing import MLPBN, forbid_host_sync, mlp_bn_groups, synthetic_classification, toy_problem
@@ -873,9 +874,9 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
     if kernel.load() is None:
         pytest.skip("no C compiler: the kernel cannot be built")
     x, y = synthetic_classification(n=64, dtype=torch.float64)
-    calls = []
+    calls, terms_calls, derived_calls = [], [], []
     compiled_step, compiled_lib = NoetherTracker._compiled_step, NoetherTracker._compiled_lib
-    compiled_terms = NoetherTracker._compiled_terms
+    compiled_terms, compiled_derived = NoetherTracker._compiled_terms, NoetherTracker._compiled_derived
 
     def run(compiled):
         def spy(self, *args):
@@ -883,9 +884,20 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
             calls.append(done)
             return done
 
+        def terms_spy(self, *args):
+            done = compiled_terms(self, *args) if compiled else None
+            terms_calls.append(done is not None)
+            return done
+
+        def derived_spy(self):
+            done = compiled_derived(self)
+            derived_calls.append(done is not None)
+            return done
+
         monkeypatch.setattr(NoetherTracker, "_compiled_step", spy)
         monkeypatch.setattr(NoetherTracker, "_compiled_lib", compiled_lib if compiled else lambda self: None)
-        monkeypatch.setattr(NoetherTracker, "_compiled_terms", compiled_terms if compiled else lambda self, *a: None)
+        monkeypatch.setattr(NoetherTracker, "_compiled_terms", terms_spy)
+        monkeypatch.setattr(NoetherTracker, "_compiled_derived", derived_spy)
         torch.manual_seed(0)
         model = MLPBN().double()
         found: dict = dict(example_input=x)
@@ -903,9 +915,9 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
                 poisoned = t == case.get("poison_at")
-                state = [t for p in model.parameters() for t in (p, opt.state[p]["momentum_buffer"])
+                state = [x for p in model.parameters() for x in (p, opt.state[p]["momentum_buffer"])
                          ] if poisoned and case.get("restore") else []
-                saved = [t.clone() for t in state]
+                saved = [x.clone() for x in state]
                 if poisoned:
                     model.fc1.weight.grad[0, 0] = float("nan")
                 opt.step()
@@ -925,9 +937,14 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
 
     fast = run(True)
     assert calls and all(calls[1:]) and not calls[0]  # (the first tracked step starts the accumulators)
-    calls.clear()
+    # the identities: compiled for the heavy-ball family of rules, torch ops for the adaptive ones
+    adaptive = case["id"] in ("adamw", "adam_b1_0", "rmsprop")
+    assert terms_calls and (not any(terms_calls) if adaptive else all(terms_calls))
+    assert derived_calls and all(derived_calls)
+    for c in (calls, terms_calls, derived_calls):
+        c.clear()
     slow = run(False)
-    assert calls and not any(calls)
+    assert calls and not any(calls) and not any(terms_calls) and not any(derived_calls)
     assert fast.keys() == slow.keys()
     assert sum(k.startswith("log 6 ") for k in fast) > 20  # every step logged
     for k in fast:
@@ -940,6 +957,7 @@ def test_the_compiled_step_gives_the_bits_of_the_torch_step(case, monkeypatch):
 
 # the quantities made with a square root: tags, held rows, accumulator rows (_EFF, _ANGLE, _QSTAR,
 # _RADIAL), the record's fields and the derived rows
-_ROOTED = {"log": {"effective_lr", "angular_update", "radial_update", "equilibrium"}, "held": {"radial"},
-           "acc": {"4", "5", "14", "19"}, "last": {"effective_lr", "angular_update", "radial_update", "equilibrium"},
-           "derived": {"eff", "angle", "qstar"}}
+_ROOTED_TAGS = {"effective_lr", "angular_update", "radial_update", "equilibrium"}
+_ROOTED = {"log": _ROOTED_TAGS, "last": _ROOTED_TAGS, "held": {"radial"}, "derived": {"eff", "angle", "qstar"},
+           "acc": {str(r) for r in (tracker_module._EFF, tracker_module._ANGLE, tracker_module._QSTAR,
+                                    tracker_module._RADIAL)}}
