@@ -42,16 +42,19 @@ Two more calls map float64 rows for the layout (each row read where it is, nothi
 neurons (members in order, onto zeros), and ``nld_runs`` sums, or takes the maximum or minimum of,
 each group's run of neurons (the sum with four running sums, added pairwise; a NaN gives NaN).
 
-Three calls take the per-neuron work of :class:`~nld_callbacks.tracker.NoetherTracker` off torch ops
-(the hundred-odd small ops of a step cost more in dispatch than in arithmetic). ``nld_step`` is one
-tracked step: the residuals, the continuous law's step and the equilibrium averages of every group
-neuron, the step's validity, and on a valid step the held rows and the accumulators. ``nld_derive``
-and ``nld_last`` make the last-value rows of a logging step from the held state (the arcsine of the
-angular update is left to torch). They run the torch ops' operations in their order, without
-contraction, so they give the torch ops' bits; the one exception is the square root, which here is
-the IEEE one, where torch's float64 square root on the CPU (SLEEF's, within 0.5001 ulp) is one ulp
-off on about 1% of the entries. ``nld_step`` copies its rows to the stack in blocks of neurons first:
-read in place, its 60-odd rows (often a multiple of 4 KiB apart) would evict each other's cache lines.
+Four calls take the per-neuron work of :class:`~nld_callbacks.tracker.NoetherTracker` off torch ops
+(the hundred-odd small ops of a step cost more in dispatch than in arithmetic). ``nld_terms``
+evaluates a step's exact identities for the heavy-ball family of rules (SGD, heavy ball, Nesterov,
+SGDW) and adds them onto the group neurons as ``nld_map`` does, the per-reduction values never
+stored. ``nld_step`` is the rest of a tracked step: the residuals, the continuous law's step and the
+equilibrium averages of every group neuron, the step's validity, and on a valid step the held rows
+and the accumulators. ``nld_derive`` and ``nld_last`` make the last-value rows of a logging step
+from the held state (the arcsine of the angular update is left to torch). They run the torch ops'
+operations in their order, without contraction, so they give the torch ops' bits; the one
+exception is the square root, which here is the IEEE one, where torch's float64 square root on the
+CPU (SLEEF's, within 0.5001 ulp) is one ulp off on about 1% of the entries. ``nld_terms`` and
+``nld_step`` copy their rows to the stack in blocks of 64 first: read in place, their dozens of
+rows (often a multiple of 4 KiB apart) would evict each other's cache lines.
 
 ``nld_run_parts(n_parts, n_jobs, tables, ptrs, res)`` runs ``n_parts`` such tables at once, one per
 OpenMP thread. The kernel is built with OpenMP where torch itself runs on GNU ``libgomp`` (its
@@ -447,12 +450,12 @@ void nld_runs(int64_t op, int64_t n_rows, const int64_t *rows, int64_t n_runs, c
    in[k]: the address of input row k (enum below; 0: absent), stride[k]: 0 where one number serves
    every neuron, else 1; the four boolean rows are bytes. flags: has_linear, parts (1 or 2: per part
    7 rows, the quadratic charges' then the linear ones'), has_quad, has_UU, has_metric, has_abs1,
-   fresh. out: the addresses of N_OUT rows of n (enum below). On a valid step each commit triple (dst, src, stride)
-   copies a row into the held state, and the accumulators (n_groups per row) take the step: rows
-   acc_rows[0..2] the maxima of |e|, |b|, |e| (fmax), acc_rows[3..5] the sums of the observed,
-   symmetric and breaking changes (run_sum), acc_rows[6..11] the constants' means and counts (from
-   cmeans, 6 rows); on an invalid one acc_rows[12] (the invalid steps) counts it. Returns the step's
-   validity. */
+   fresh. out: the addresses of N_OUT rows of n (enum below). On a valid step each commit triple
+   (dst, src, stride) copies a row into the held state, and the accumulators (n_groups per row)
+   take the step: rows acc_rows[0..2] the maxima of |e|, |b|, |e| (fmax), acc_rows[3..5] the sums of
+   the observed, symmetric and breaking changes (run_sum), acc_rows[6..11] the constants' means and
+   counts (from cmeans, 6 rows); on an invalid one acc_rows[12] (the invalid steps) counts it.
+   Returns the step's validity. */
 enum { I_Q0, I_Q1, I_T0, I_T1, I_PART0, I_PART1 = I_PART0 + 7, I_DRIVE = I_PART1 + 7, I_EQ_DRIVE, I_UU, I_M0, I_M1,
        I_ROUND, I_ROUND_LIN, I_COUNT, I_NUMEL_SQ, I_ALPHA, I_PROP, I_ON = I_PROP + 6, I_NLD, I_NLD_RATE, I_EMA_X,
        I_EMA_W, I_LINEAR, I_SCALE, I_ADAPTIVE, I_EQ_NUMEL, N_IN };
