@@ -44,17 +44,17 @@ each group's run of neurons (the sum with four running sums, added pairwise; a N
 
 Four calls take the per-neuron work of :class:`~nld_callbacks.tracker.NoetherTracker` off torch ops
 (the hundred-odd small ops of a step cost more in dispatch than in arithmetic). ``nld_terms``
-evaluates a step's exact identities for the heavy-ball family of rules (SGD, heavy ball, Nesterov,
-SGDW) and adds them onto the group neurons as ``nld_map`` does, the per-reduction values never
-stored. ``nld_step`` is the rest of a tracked step: the residuals, the continuous law's step and the
-equilibrium averages of every group neuron, the step's validity, and on a valid step the held rows
-and the accumulators. ``nld_derive`` and ``nld_last`` make the last-value rows of a logging step
-from the held state (the arcsine of the angular update is left to torch). They run the torch ops'
-operations in their order, without contraction, so they give the torch ops' bits; the one
-exception is the square root, which here is the IEEE one, where torch's float64 square root on the
-CPU (SLEEF's, within 0.5001 ulp) is one ulp off on about 1% of the entries. ``nld_terms`` and
-``nld_step`` copy their rows to the stack in blocks of 64 first: read in place, their dozens of
-rows (often a multiple of 4 KiB apart) would evict each other's cache lines.
+evaluates a step's exact identities (SGD, heavy ball, Nesterov, SGDW, and Adam's where its update
+is formed in the read) and adds them onto the group neurons as ``nld_map`` does, the per-reduction
+values never stored. ``nld_step`` is the rest of a tracked step: the residuals, the continuous
+law's step and the equilibrium averages of every group neuron, the step's validity, and on a valid
+step the held rows and the accumulators. ``nld_derive`` and ``nld_last`` make the last-value rows
+of a logging step from the held state (the arcsine of the angular update is left to torch). They
+run the torch ops' operations in their order, without contraction, so they give the torch ops'
+bits; the one exception is the square root, which here is the IEEE one, where torch's float64
+square root on the CPU (SLEEF's, within 0.5001 ulp) is one ulp off on about 1% of the entries.
+``nld_terms`` and ``nld_step`` copy their rows to the stack in blocks of 64 first: read in place,
+their dozens of rows (often a multiple of 4 KiB apart) would evict each other's cache lines.
 
 ``nld_run_parts(n_parts, n_jobs, tables, ptrs, res)`` runs ``n_parts`` such tables at once, one per
 OpenMP thread. The kernel is built with OpenMP where torch itself runs on GNU ``libgomp`` (its
@@ -565,19 +565,21 @@ int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64
     return 1;
 }
 
-/* One step's exact identities per reduction for the heavy-ball family of rules (theory.sgd_step,
-   heavy_ball_step, nesterov_step, sgdw_step and their linear forms, as NoetherTracker._terms and
-   _to_neurons assemble them), mapped onto the group neurons as nld_map maps them: the same
-   operations in the same order as the torch ops and the map, the same bits; the per-reduction rows
-   are never stored. in[k] (enum below; 0: absent, read as 0, the sign as 1) with stride[k] (0: one
-   number for every reduction). flags: has_quad, has_linear, the one family's code (SGD 0, heavy
-   ball 1, Nesterov 2, SGDW 3; −1: per reduction, the row FAM). runs, sign, usign: the layout's map
-   (nld_map) with its signed and unsigned signs. signed_out: Q_t, Q_{t+1} [, T_t, T_{t+1}], per part
-   (quadratic, then linear) the observed, symmetric and breaking changes and the force, then the
-   drive and the equilibrium drive; unsigned_out: per part the coefficient, the terms' scale and
-   |Δθ|², then the rounding floors u·Q_t [and u·Σ|θ_k|]; rows of n_out neurons. */
+/* One step's exact identities per reduction (theory.sgd_step, heavy_ball_step, nesterov_step,
+   sgdw_step, adaptive_step and their linear forms, as NoetherTracker._terms and _to_neurons
+   assemble them), mapped onto the group neurons as nld_map maps them: the same operations in the
+   same order as the torch ops and the map, the same bits; the per-reduction rows are never stored.
+   in[k] (enum below; 0: absent, read as 0, the sign as 1) with stride[k] (0: one number for every
+   reduction). flags: has_quad, has_linear, the one family's code (SGD 0, heavy ball 1, Nesterov 2,
+   SGDW 3, an adaptive rule 4: B(θ, u), B(u, u) and ⟨c, u⟩ in place of the gradient's products;
+   −1: per reduction, the row FAM), has_uu (B(u, u) mapped after the drives). runs, sign, usign: the
+   layout's map (nld_map) with its signed and unsigned signs. signed_out: Q_t, Q_{t+1} [, T_t,
+   T_{t+1}], per part (quadratic, then linear) the observed, symmetric and breaking changes and the
+   force, then the drive and the equilibrium drive [, B(u, u)]; unsigned_out: per part the
+   coefficient, the terms' scale and |Δθ|², then the rounding floors u·Q_t [and u·Σ|θ_k|]; rows of
+   n_out neurons. */
 enum { T_Q0, T_Q1, T_P0, T_X, T_G, T_Y, T_K, T_Z, T_T0, T_T1, T_S0, T_SG, T_L1, T_A1, T_UNIT, T_LR, T_WD, T_MOM, T_C,
-       T_SIGN, T_FAM, T_N_IN };
+       T_SIGN, T_FAM, T_U, T_UU, T_DECAY, T_N_IN };
 /* the identities of m reductions of one block (x: the inputs, o: the outputs), specialised on the
    kind of step: with single >= 0 every branch is known and the loop vectorises */
 INLINE void terms_block(int64_t m, double (*x)[SB], double (*o)[SB], const int single, const int has_quad,
@@ -591,7 +593,7 @@ INLINE void terms_block(int64_t m, double (*x)[SB], double (*o)[SB], const int s
             const double Q0 = X(T_Q0), Q1 = X(T_Q1), P0 = X(T_P0), G = X(T_G), K = X(T_K), Z = X(T_Z);
             const double Xs = sign * X(T_X), Y = sign * X(T_Y);
             double p0, p1, p2 = 0.0, R, coeff, step_sq;
-            const int three = code != 0;
+            const int three = code >= 1 && code <= 3;
             if (code == 0) { /* SGD */
                 const double a = 1.0 - eta * lam;
                 R = (Xs + eta * G) / a;
@@ -612,6 +614,14 @@ INLINE void terms_block(int64_t m, double (*x)[SB], double (*o)[SB], const int s
                 p2 = eta * eta * uu;
                 coeff = 2.0 * eta * (1.0 + beta * c);
                 step_sq = p2;
+            } else if (code == 4) { /* Adam, AdamW, RMSprop: the update direction u */
+                const double lam_d = X(T_DECAY), UU = X(T_UU);
+                const double a = 1.0 - eta * lam_d;
+                R = (X(T_U) + eta * UU) / a;
+                p0 = (a * a - 1.0) * Q0, p1 = eta * eta * UU;
+                coeff = 2.0 * eta * a;
+                const double shrink = 1.0 - a;
+                step_sq = shrink * shrink * Q0 + 2.0 * shrink * eta * R + p1;
             } else { /* SGDW */
                 const double a = 1.0 - eta * lam;
                 R = (Xs + eta * Y) / a;
@@ -628,12 +638,14 @@ INLINE void terms_block(int64_t m, double (*x)[SB], double (*o)[SB], const int s
             o[6][i] = step_sq;
         }
         if (has_linear) {
-            const double T0 = X(T_T0), T1 = X(T_T1), S0 = X(T_S0), Sg = sign * X(T_SG);
+            /* (an adaptive rule's force ⟨c, u⟩: u carries its own sign) */
+            const double T0 = X(T_T0), T1 = X(T_T1), S0 = X(T_S0), Sg = code == 4 ? X(T_SG) : sign * X(T_SG);
             double sym, coeff;
             if (code == 0) sym = -eta * lam * T0, coeff = eta;
             else if (code == 1) sym = -eta * (beta * S0 + c * lam * T0), coeff = eta * c;
             else if (code == 2)
                 sym = -eta * (lam * T0 + beta * (beta * S0 + c * lam * T0)), coeff = eta * (1.0 + beta * c);
+            else if (code == 4) sym = -eta * X(T_DECAY) * T0, coeff = eta;
             else sym = -eta * lam * T0 - eta * beta * S0, coeff = eta;
             double(*const l)[SB] = o + 7 * has_quad;
             l[0][i] = T1 - T0, l[1][i] = sym, l[2][i] = -coeff * Sg, l[3][i] = Sg, l[4][i] = coeff;
@@ -650,20 +662,20 @@ INLINE void terms_block(int64_t m, double (*x)[SB], double (*o)[SB], const int s
 #define TERMS_BLOCK(F, Q, L) \
     static void terms_##F##Q##L(int64_t m, double (*x)[SB], double (*o)[SB]) { terms_block(m, x, o, F, Q, L); }
 #define TERMS_FAMILY(F) TERMS_BLOCK(F, 1, 0) TERMS_BLOCK(F, 0, 1) TERMS_BLOCK(F, 1, 1)
-TERMS_FAMILY(0) TERMS_FAMILY(1) TERMS_FAMILY(2) TERMS_FAMILY(3)
+TERMS_FAMILY(0) TERMS_FAMILY(1) TERMS_FAMILY(2) TERMS_FAMILY(3) TERMS_FAMILY(4)
 static void terms_any(int64_t m, double (*x)[SB], double (*o)[SB], int has_quad, int has_linear) {
     terms_block(m, x, o, -1, has_quad, has_linear);
 }
 typedef void (*terms_fn)(int64_t, double (*)[SB], double (*)[SB]);
 #define TERMS_ROW(F) {terms_##F##10, terms_##F##01, terms_##F##11}
-static const terms_fn TERMS[4][3] = {TERMS_ROW(0), TERMS_ROW(1), TERMS_ROW(2), TERMS_ROW(3)};
+static const terms_fn TERMS[5][3] = {TERMS_ROW(0), TERMS_ROW(1), TERMS_ROW(2), TERMS_ROW(3), TERMS_ROW(4)};
 
 void nld_terms(int64_t n_out, const int64_t *flags, const int64_t *in, const int64_t *stride, int64_t n_runs,
                const int64_t *runs, const double *sign, const double *usign, double *signed_out,
                double *unsigned_out) {
-    const int has_quad = flags[0], has_linear = flags[1], single = flags[2];
+    const int has_quad = flags[0], has_linear = flags[1], single = flags[2], has_uu = flags[3];
     const int parts = has_quad + has_linear;
-    const int n_signed = 2 + 2 * has_linear + 4 * parts + 2, n_unsigned = 3 * parts + 1 + has_linear;
+    const int n_signed = 2 + 2 * has_linear + 4 * parts + 2 + has_uu, n_unsigned = 3 * parts + 1 + has_linear;
     memset(signed_out, 0, n_signed * n_out * sizeof(double));
     memset(unsigned_out, 0, n_unsigned * n_out * sizeof(double));
     for (int64_t q = 0; q < n_runs; q++) {
@@ -680,7 +692,7 @@ void nld_terms(int64_t n_out, const int64_t *flags, const int64_t *in, const int
             if (single >= 0) TERMS[single][has_quad + 2 * has_linear - 1](m, x, o);
             else terms_any(m, x, o, has_quad, has_linear);
             /* onto the group neurons, as nld_map adds them: out[d + i] += s · value */
-            const double *sv[2 + 2 + 4 * 2 + 2], *uv[3 * 2 + 2];
+            const double *sv[2 + 2 + 4 * 2 + 2 + 1], *uv[3 * 2 + 2];
             int ns = 0, nu = 0;
             sv[ns++] = x[T_Q0], sv[ns++] = x[T_Q1];
             if (has_linear) sv[ns++] = x[T_T0], sv[ns++] = x[T_T1];
@@ -689,6 +701,7 @@ void nld_terms(int64_t n_out, const int64_t *flags, const int64_t *in, const int
                 for (int j = 4; j < 7; j++) uv[nu++] = o[7 * k + j];
             }
             sv[ns++] = o[7 * parts], sv[ns++] = o[7 * parts + 1];
+            if (has_uu) sv[ns++] = x[T_UU];
             uv[nu++] = o[7 * parts + 2];
             if (has_linear) uv[nu++] = o[7 * parts + 3];
             for (int r = 0; r < ns; r++) {
@@ -778,7 +791,7 @@ void nld_run_parts(int64_t n_parts, const int64_t *n_jobs, const int64_t *const 
 
 # nld_step's input rows (N_IN), nld_terms' (T_N_IN)
 STEP_INPUTS = 43
-TERMS_INPUTS = 21
+TERMS_INPUTS = 24
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

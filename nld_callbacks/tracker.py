@@ -131,8 +131,8 @@ _LAST_ACC_ROWS = (ctypes.c_int64 * 15)(*_LAST_UPDATE)
 _FAMILY_CODE = {"sgd": 0.0, "heavy_ball": 1.0, "nesterov": 2.0, "sgdw": 3.0, "adam": 4.0}
 # nld_terms' input rows (kernel.TERMS_INPUTS) and its families' codes
 _TERMS_INPUTS = ("Q0", "Q1", "P0", "X", "G", "Y", "K", "Z", "T0", "T1", "S0", "SG", "L1", "A1", "UNIT", "LR", "WD",
-                 "MOM", "C", "SIGN", "FAM")
-_TERMS_FAMILIES = {f: int(code) for f, code in _FAMILY_CODE.items() if f != "adam"}
+                 "MOM", "C", "SIGN", "FAM", "U", "UU", "DECAY")
+_TERMS_FAMILIES = {f: int(code) for f, code in _FAMILY_CODE.items()}
 _TRUE, _FALSE = torch.tensor(True), torch.tensor(False)  # a compiled step's validity (read-only)
 
 
@@ -1194,7 +1194,8 @@ class NoetherTracker:
         Q0, P0, first = self._pre
         self._pre = None
         Q1 = self._product("θθ", theta, theta)
-        compiled = self._compiled_terms(Q0, Q1, P0, first, theta, grads, bufs) if self.opt_model.supported else None
+        compiled = (self._compiled_terms(optimizer, Q0, Q1, P0, first, theta, grads, bufs)
+                    if self.opt_model.supported else None)
         if compiled is not None:
             mapped, T1 = compiled
         else:
@@ -1357,13 +1358,14 @@ class NoetherTracker:
                  for n in info.linear_params}
         return T1, A1, T0, S0, Sg, lay.reduce(_abs(steps))
 
-    def _compiled_terms(self, Q0: Tensor, Q1: Tensor, P0: Tensor | None, first: Mapping[str, bool],
-                        theta: Mapping[str, Tensor], grads: Mapping[str, Tensor | None],
+    def _compiled_terms(self, optimizer: torch.optim.Optimizer, Q0: Tensor, Q1: Tensor, P0: Tensor | None,
+                        first: Mapping[str, bool], theta: Mapping[str, Tensor], grads: Mapping[str, Tensor | None],
                         state_bufs: Mapping[str, Tensor | None]) -> tuple[_Mapped, Tensor | None] | None:
         """:meth:`_terms` and :meth:`_to_neurons` in one call of the compiled kernel (``nld_terms``).
 
-        For the heavy-ball family of rules (SGD, heavy ball, Nesterov, SGDW) on float64 CPU rows
-        with the kernel loaded; ``None`` elsewhere. The same bits as the torch ops and maps; the
+        For the heavy-ball family of rules (SGD, heavy ball, Nesterov, SGDW), and for Adam(W) where
+        its update's sums were formed in the read (no metric identity), on float64 CPU rows with
+        the kernel loaded; ``None`` elsewhere. The same bits as the torch ops and maps; the
         per-reduction rows are never stored. Returns the mapped rows and T_{t+1} (the linear
         charges' sums, or None).
         """
@@ -1372,14 +1374,18 @@ class NoetherTracker:
             return None
         hyp = self._hypers()
         families = self._families()
-        if not families <= _TERMS_FAMILIES.keys():
+        adaptive = families == {"adam"}
+        if not families <= _TERMS_FAMILIES.keys() or (adaptive and "uu" not in self._rows) or (
+                "adam" in families and not adaptive):
             return None
         coef = self._coefficients(hyp, first, {n: g is not None for n, g in grads.items()})
         bufs = state_bufs if families & {"heavy_ball", "nesterov", "sgdw"} else {}
         rows: dict[str, Tensor | None] = dict(Q0=Q0, Q1=Q1, UNIT=self._unit_r, LR=coef["lr"], WD=coef["wd"],
                                               MOM=coef["momentum"], C=coef["c"], SIGN=coef.get("sign"),
                                               FAM=coef.get("family"))
-        if info.has_quadratic:
+        if info.has_quadratic and adaptive:  # Adam's u, formed in the read (_fused_pairs)
+            rows.update(U=self._rows["θu"], UU=self._rows["uu"], DECAY=coef["decay"])
+        elif info.has_quadratic:
             rows.update(P0=P0, X=self._product("θg", theta, grads))
             if families & {"sgd", "nesterov"}:
                 rows["G"] = self._product("gg", grads, grads)
@@ -1389,8 +1395,13 @@ class NoetherTracker:
                 rows["Z"] = self._product("θv", theta, bufs)
         T1 = None
         if info.has_linear:
-            T1, A1, T0, S0, Sg, L1 = self._linear_inputs(hyp, theta, grads, bufs, None)
-            rows.update(T0=T0, T1=T1, S0=S0, SG=Sg, L1=L1, A1=A1)
+            # (an adaptive rule's u as tensors, on the linear charges' tensors only, as _terms makes it)
+            upd = adaptive_tensors(optimizer, {n: self._params[n] for n in info.linear_params}, hyp, grads) \
+                if adaptive else None
+            T1, A1, T0, S0, Sg, L1 = self._linear_inputs(hyp, theta, grads, bufs, upd)
+            if upd is not None:  # the force ⟨c, u⟩ in place of ⟨c, g⟩
+                Sg = lay.reduce({n: upd.update[n] for n in info.linear_params})
+            rows.update(T0=T0, T1=T1, S0=S0, SG=Sg, L1=L1, A1=A1, DECAY=coef["decay"] if adaptive else None)
         quad, lin = int(info.has_quadratic), int(info.has_linear)
         parts = quad + lin
         n = lay.n_reductions
@@ -1401,16 +1412,17 @@ class NoetherTracker:
             return None  # (rows the kernel cannot read where they are: the torch ops take the step)
         self._pre_linear = None
         # (several families: each reduction's from its row, as _merge takes it)
-        flags = (quad, lin, _TERMS_FAMILIES[next(iter(families))] if len(families) == 1 else -1)
-        signed = torch.empty(2 + 2 * lin + 4 * parts + 2, lay.n_neurons, dtype=torch.float64)
+        uu = int(adaptive and info.has_quadratic)  # B(u, u) mapped too, for the radial share (_accumulate)
+        flags = (quad, lin, _TERMS_FAMILIES[next(iter(families))] if len(families) == 1 else -1, uu)
+        signed = torch.empty(2 + 2 * lin + 4 * parts + 2 + uu, lay.n_neurons, dtype=torch.float64)
         unsigned = torch.empty(3 * parts + 1 + lin, lay.n_neurons, dtype=torch.float64)
         runs, sign, usign = lay.map_runs()
-        lay.kernel.nld_terms(lay.n_neurons, (ctypes.c_int64 * 3)(*flags),
+        lay.kernel.nld_terms(lay.n_neurons, (ctypes.c_int64 * 4)(*flags),
                              (ctypes.c_int64 * len(inputs))(*(0 if t is None else t.data_ptr() for t in inputs)),
                              (ctypes.c_int64 * len(inputs))(*(0 if t is None or t.numel() == 1 else 1 for t in inputs)),
                              len(runs), runs.data_ptr(), sign.data_ptr(), usign.data_ptr(), signed.data_ptr(),
                              unsigned.data_ptr())
-        mapped = _Mapped(signed, unsigned, parts=parts, quad=bool(quad), UU=False, metric=False, abs1=bool(lin),
+        mapped = _Mapped(signed, unsigned, parts=parts, quad=bool(quad), UU=bool(uu), metric=False, abs1=bool(lin),
                          coef=coef["groups"], fresh=all(first.values()) if first else True)
         return mapped, T1
 
