@@ -461,6 +461,12 @@ enum { I_Q0, I_Q1, I_T0, I_T1, I_PART0, I_PART1 = I_PART0 + 7, I_DRIVE = I_PART1
        I_EMA_W, I_LINEAR, I_SCALE, I_ADAPTIVE, I_EQ_NUMEL, N_IN };
 /* a part's rows: observed, symmetric, breaking, force, coefficient, terms' scale, |Δθ|² */
 #define SB 64 /* neurons per block */
+/* entries off .. off + m − 1 of an input row into a block's row: copied (stride 1), the one number
+   repeated (stride 0), or `absent` where the row is absent (src 0) */
+INLINE void block_row(double *dst, const double *src, int64_t stride, int64_t off, int64_t m, double absent) {
+    if (src && stride) memcpy(dst, src + off, m * sizeof(double));
+    else for (int64_t j = 0; j < m; j++) dst[j] = src ? src[0] : absent;
+}
 enum { P_OBS, P_SYM, P_BRK, P_FORCE, P_COEFF, P_TERMS, P_STEP_SQ };
 enum { O_Q0, O_Q1, O_PRED, O_TOL, O_STEP_SQ, O_NLD, O_NLD_RATE, O_EMA_X, O_EMA_W, O_RADIAL, O_METRIC_CHARGE,
        O_METRIC_PRED, O_BRK, O_R, O_B, O_E, O_OBS, O_SYM, N_OUT };
@@ -476,21 +482,12 @@ int64_t nld_step(int64_t n, const int64_t *flags, const int64_t *in, const int64
         const int64_t m = n - i0 < SB ? n - i0 : SB;
         double x[I_LINEAR][SB], o[N_OUT][SB];
         unsigned char f[N_IN - I_LINEAR][SB];
-        for (int k = 0; k < N_IN; k++) {
-            if (!in[k]) {
-                if (k < I_LINEAR) memset(x[k], 0, sizeof x[k]);
-                else memset(f[k - I_LINEAR], 0, sizeof f[k - I_LINEAR]);
-                continue;
-            }
-            if (k < I_LINEAR) {
-                const double *src = (const double *)in[k];
-                if (stride[k]) memcpy(x[k], src + i0, m * sizeof(double));
-                else for (int64_t j = 0; j < m; j++) x[k][j] = src[0];
-            } else {
-                const unsigned char *src = (const unsigned char *)in[k];
-                if (stride[k]) memcpy(f[k - I_LINEAR], src + i0, m);
-                else memset(f[k - I_LINEAR], src[0], m);
-            }
+        for (int k = 0; k < I_LINEAR; k++) block_row(x[k], (const double *)in[k], stride[k], i0, m, 0.0);
+        for (int k = I_LINEAR; k < N_IN; k++) {
+            const unsigned char *src = (const unsigned char *)in[k];
+            if (!src) memset(f[k - I_LINEAR], 0, m);
+            else if (stride[k]) memcpy(f[k - I_LINEAR], src + i0, m);
+            else memset(f[k - I_LINEAR], src[0], m);
         }
         /* (branch-free, so that it vectorises: both sides of each choice are formed) */
         for (int64_t i = 0; i < m; i++) {
@@ -684,11 +681,8 @@ void nld_terms(int64_t n_out, const int64_t *flags, const int64_t *in, const int
         for (int64_t i0 = 0; i0 < len; i0 += SB) {
             const int64_t m = len - i0 < SB ? len - i0 : SB;
             double x[T_N_IN][SB], o[7 * 2 + 4][SB];
-            for (int k = 0; k < T_N_IN; k++) {
-                const double *src = (const double *)in[k];
-                if (src && stride[k]) memcpy(x[k], src + a + i0, m * sizeof(double));
-                else for (int64_t j = 0; j < m; j++) x[k][j] = src ? src[0] : k == T_SIGN ? 1.0 : 0.0;
-            }
+            for (int k = 0; k < T_N_IN; k++)
+                block_row(x[k], (const double *)in[k], stride[k], a + i0, m, k == T_SIGN ? 1.0 : 0.0);
             if (single >= 0) TERMS[single][has_quad + 2 * has_linear - 1](m, x, o);
             else terms_any(m, x, o, has_quad, has_linear);
             /* onto the group neurons, as nld_map adds them: out[d + i] += s · value */
